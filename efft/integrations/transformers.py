@@ -1,0 +1,188 @@
+"""efft inside existing transformers code: a plugin and a callback, no Trainer subclass.
+
+    plugin = EfftPlugin("recipes/apollo-mini.yaml")
+    model = plugin.prepare_model(model)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, **plugin.trainer_kwargs(model))
+    trainer.train(resume_from_checkpoint=plugin.last_checkpoint(args.output_dir))
+
+``efft train`` runs exactly this code, so the CLI and the plugin give the same numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+COMPLETE_MARKER = "efft_complete.json"
+
+
+class EfftCallback(TrainerCallback):
+    """Logs tokens/s and memory with the run's metrics, marks finished checkpoints, keeps the history
+    the run card needs."""
+
+    def __init__(self, tracker=None):
+        from efft.memory.tracker import MemoryTracker
+
+        self.tracker = tracker or MemoryTracker()
+        self.t0: float | None = None
+        self.tokens0 = 0
+        self.train_seconds = 0.0
+        self.tokens_per_second: float | None = None
+        self.optimizer = None
+        self.model = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        self.model, self.optimizer = model, optimizer
+        self.tracker.start()
+        self.t0 = time.perf_counter()
+        self.tokens0 = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs is None or self.t0 is None or "loss" not in logs:
+            return
+        elapsed = time.perf_counter() - self.t0
+        tokens = state.num_input_tokens_seen - self.tokens0
+        if elapsed > 0 and tokens > 0:
+            self.tokens_per_second = tokens / elapsed
+            logs["tokens_per_second"] = round(self.tokens_per_second, 1)
+        peak = self.tracker.peak_bytes()
+        if peak:
+            logs["peak_mem_gb"] = round(peak / 2**30, 3)
+
+    def on_save(self, args, state, control, **kw):
+        # Trainer writes checkpoint-N in place; the marker (written by rename) says it is whole, and
+        # last_checkpoint() resumes only from checkpoints that have one.
+        if not args.should_save:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            write_json_atomic(ckpt / COMPLETE_MARKER, {"global_step": state.global_step, "time": time.time()})
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.t0 is not None:
+            self.train_seconds = time.perf_counter() - self.t0
+
+    def memory_report(self) -> dict:
+        return self.tracker.report(self.model, self.optimizer)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint-N under ``output_dir`` that was written completely, or None."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    done = []
+    for d in out.iterdir():
+        if d.is_dir() and d.name.startswith("checkpoint-") and d.name[11:].isdigit() and (d / COMPLETE_MARKER).is_file():
+            done.append((int(d.name[11:]), d))
+    return str(max(done)[1]) if done else None
+
+
+class EfftPlugin:
+    """A recipe (path, dict or Recipe) turned into what transformers code needs.
+
+    Only the sections that change the model or the optimizer are used (quant, adapter, sparsity,
+    offload, optim); ``model``/``data`` may be left out when the caller brings its own.
+    """
+
+    def __init__(self, recipe, overrides: list[str] | None = None):
+        from efft import config
+
+        if isinstance(recipe, config.Recipe):
+            self.recipe = recipe
+        elif isinstance(recipe, dict):
+            data = config.apply_overrides(_with_placeholders(recipe), overrides or [])
+            self.recipe = config.validate(data, source="(dict)")
+        else:
+            self.recipe = config.load_recipe(recipe, overrides)
+        self.callback: EfftCallback | None = None
+
+    def prepare_model(self, model):
+        from efft.compose import prepare_model
+
+        return prepare_model(model, self.recipe)
+
+    def create_optimizer(self, model) -> torch.optim.Optimizer:
+        from efft.compose import build_optimizer
+
+        return build_optimizer(model, self.recipe)
+
+    def training_arguments(self, **overrides) -> TrainingArguments:
+        """TrainingArguments from the recipe's ``train`` section (keyword overrides win)."""
+        return training_arguments(self.recipe, **overrides)
+
+    def trainer_kwargs(self, model) -> dict:
+        """``optimizers`` and ``callbacks`` for ``Trainer(...)``; the scheduler is left to Trainer."""
+        self.callback = EfftCallback()
+        optimizer = self.create_optimizer(model)
+        # Optimizers that update inside backward (layer-wise, offloaded) bring the callbacks that tie
+        # them to Trainer's accumulation and clipping.
+        extra = list(getattr(optimizer, "trainer_callbacks", lambda: [])())
+        return {"optimizers": (optimizer, None), "callbacks": [self.callback, *extra]}
+
+    @staticmethod
+    def last_checkpoint(output_dir) -> str | None:
+        return last_checkpoint(output_dir)
+
+
+def _with_placeholders(d: dict) -> dict:
+    """Plugin dicts may omit model/data (the caller has them); fill inert values for validation."""
+    d = dict(d)
+    d.setdefault("model", {"config": {"model_type": "llama"}})
+    d.setdefault("data", {"path": str(Path(__file__).resolve().parents[2] / "data" / "quickstart.jsonl")})
+    return d
+
+
+def training_arguments(recipe, **overrides) -> TrainingArguments:
+    t = recipe.train
+    cpu = t.use_cpu or not torch.cuda.is_available()
+    kw = dict(
+        output_dir=t.output_dir,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        seed=t.seed,
+        data_seed=t.data_seed,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        dataloader_num_workers=t.dataloader_num_workers,
+        use_cpu=cpu,
+        report_to=t.report_to or "none",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    kw.update(overrides)
+    return TrainingArguments(**kw)

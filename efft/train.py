@@ -1,0 +1,122 @@
+"""The training loop behind ``efft train``: transformers.Trainer driven by the EfftPlugin.
+
+recipe -> model (+quant, +adapter, +sparsity, +offload) -> optimizer -> Trainer -> checkpoints,
+final weights (safetensors), run card and memory report.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import transformers
+from transformers import Trainer
+
+from efft import card as cards
+from efft.config import Recipe, recipe_to_dict
+from efft.integrations.transformers import EfftPlugin, last_checkpoint
+
+
+def _resume_target(recipe: Recipe) -> str | None:
+    r = recipe.train.resume_from_checkpoint
+    if r is True:
+        return last_checkpoint(recipe.train.output_dir)
+    if isinstance(r, str) and r:
+        if not (Path(r) / "trainer_state.json").is_file():
+            from efft.config import RecipeError
+
+            raise RecipeError([("train.resume_from_checkpoint", f"not a checkpoint directory (no trainer_state.json): {r!r}")])
+        return r
+    return None
+
+
+def save_final(model, tokenizer, out_dir: Path) -> Path:
+    """Adapters (peft) or full weights as safetensors, plus the tokenizer, written to ``out_dir/final``."""
+    final = out_dir / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    save = getattr(model, "save_pretrained", None)
+    if save is None:
+        raise TypeError(f"cannot save a {type(model).__name__}: it has no save_pretrained")
+    save(str(final))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(final))
+    return final
+
+
+def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) -> dict:
+    """Run a validated recipe end to end; returns the run card (also written to output_dir).
+
+    ``trainer_hook(trainer)`` is called before ``trainer.train()`` (tests use it to add callbacks).
+    """
+    from efft.data import load_dataset_from_config, make_collator
+    from efft.model import generate_answers, load_model
+
+    t = recipe.train
+    out_dir = Path(t.output_dir)
+    resume = _resume_target(recipe)
+    transformers.set_seed(t.seed)
+    started = time.time()
+
+    model, tokenizer = load_model(recipe.model)
+    prompts = recipe.generate.prompts
+    before = generate_answers(model, tokenizer, prompts, recipe.generate.max_new_tokens) if prompts else []
+
+    plugin = EfftPlugin(recipe)
+    model = plugin.prepare_model(model)
+    train_ds, eval_ds = load_dataset_from_config(recipe.data, tokenizer, seed=t.seed)
+    args = plugin.training_arguments()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=make_collator(tokenizer, recipe.data),
+        processing_class=tokenizer,
+        **plugin.trainer_kwargs(model),
+    )
+    if trainer_hook is not None:
+        trainer_hook(trainer)
+    result = trainer.train(resume_from_checkpoint=resume)
+    final_dir = save_final(trainer.model, tokenizer, out_dir)
+
+    after = generate_answers(trainer.model, tokenizer, prompts, recipe.generate.max_new_tokens) if prompts else []
+    cb = plugin.callback
+    memory = cb.memory_report()
+    curve = cards.loss_curve(trainer.state.log_history)
+    from efft.compose import trainable_parameters
+
+    n_train, n_total = trainable_parameters(trainer.model)
+    card = {
+        "recipe_name": Path(recipe_path).stem if recipe_path else "recipe",
+        "recipe": recipe_to_dict(recipe),
+        "versions": cards.package_versions(),
+        "device": cards.device_description(),
+        "global_step": trainer.state.global_step,
+        "resumed_from": resume,
+        "train_seconds": cb.train_seconds,
+        "wall_seconds": time.time() - started,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": cb.tokens_per_second,
+        "train_loss": result.training_loss,
+        "first_loss": curve[0][1] if curve else None,
+        "last_loss": curve[-1][1] if curve else None,
+        "loss_curve": curve,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "memory": memory,
+        "final_dir": str(final_dir),
+        "generations": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
+    }
+    cards.write_card(out_dir, card)
+    _print_summary(card, cb)
+    return card
+
+
+def _print_summary(card: dict, cb) -> None:
+    from efft.memory.tracker import format_report
+
+    print()
+    print(f"efft: {card['global_step']} steps in {card['train_seconds']:.1f} s; loss {card['first_loss']} -> {card['last_loss']}")
+    print(format_report(card["memory"]))
+    for g in card["generations"]:
+        print(f"\nprompt: {g['prompt']}\n  before: {g['before']}\n  after:  {g['after']}")
+    print(f"\nrun card: {Path(card['final_dir']).parent / 'card.md'}")
