@@ -382,6 +382,11 @@ def _format_error(err: dict) -> tuple[str, str]:
         msg = msg[len("Value error, "):]
     if kind != "value_error" and not isinstance(given, dict):
         msg = f"{msg} (given: {given!r})"
+    if kind == "literal_error" and isinstance(given, str):
+        allowed = [a.strip().strip("'") for a in str(err.get("ctx", {}).get("expected", "")).replace(" or ", ", ").split(",")]
+        close = difflib.get_close_matches(given, allowed, n=1, cutoff=0.6)
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
     return path, msg
 
 

@@ -1,0 +1,171 @@
+"""Recipe schema: every problem reported at once, with path, value and what is allowed."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from efft import config
+from efft.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"instruction": "hi", "output": "hello"}) + "\n")
+    return p
+
+
+def base(data_file) -> dict:
+    return {
+        "model": {"config": {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1}},
+        "data": {"path": str(data_file)},
+        "train": {"max_steps": 2},
+    }
+
+
+def write(tmp_path, d, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def problems(d):
+    with pytest.raises(config.RecipeError) as e:
+        config.validate(d)
+    return dict(e.value.problems)
+
+
+def test_valid_recipe_fills_defaults(data_file):
+    r = config.validate(base(data_file))
+    assert r.train.max_steps == 2 and r.train.learning_rate == 2e-4
+    assert r.optim.name == "adamw" and r.quant.type == "none"
+
+
+def test_unknown_key_suggests_and_lists_allowed(data_file):
+    d = base(data_file)
+    d["train"]["learning_rat"] = 1e-3
+    p = problems(d)
+    assert "train.learning_rat" in p
+    assert "did you mean 'learning_rate'" in p["train.learning_rat"]
+    assert "per_device_train_batch_size" in p["train.learning_rat"]  # allowed keys listed
+
+
+def test_unknown_section(data_file):
+    d = base(data_file)
+    d["optimiser"] = {"name": "galore"}
+    p = problems(d)
+    assert "did you mean 'optim'" in p["optimiser"]
+
+
+def test_wrong_type_and_range_and_literal_all_at_once(data_file):
+    d = base(data_file)
+    d["train"]["learning_rate"] = "fast"
+    d["train"]["per_device_train_batch_size"] = 0
+    d["optim"] = {"name": "sgdd", "rank": -1}
+    d["quant"] = {"blocksize": 100}
+    p = problems(d)
+    assert set(p) >= {"train.learning_rate", "train.per_device_train_batch_size", "optim.name", "optim.rank", "quant.blocksize"}
+    assert "'fast'" in p["train.learning_rate"]
+    assert "galore" in p["optim.name"] and "apollo_mini" in p["optim.name"]  # allowed values listed
+    assert "greater than 0" in p["optim.rank"]
+    assert "power of two" in p["quant.blocksize"]
+
+
+def test_missing_file_reported_with_other_problems(tmp_path, data_file):
+    d = base(data_file)
+    d["data"]["path"] = str(tmp_path / "nope.jsonl")
+    d["train"]["seed"] = "x"
+    p = problems(d)
+    assert "not found" in p["data.path"]
+    assert "train.seed" in p
+
+
+def test_missing_required_and_model_source(data_file):
+    p = problems({"model": {}, "train": {}})
+    assert p["data"] == "required key is missing"
+    assert "exactly one of path, config, builtin" in p["model"]
+
+
+def test_keep_ratio_out_of_range(data_file):
+    d = base(data_file)
+    d["sparsity"] = {"token_elimination": {"enabled": True, "keep_ratio": [0.5, 1.5, 0.0]}}
+    p = problems(d)
+    assert "(0, 1]" in p["sparsity.token_elimination.keep_ratio"]
+
+
+def test_cross_section_rules(data_file):
+    d = base(data_file)
+    d["quant"] = {"type": "int8", "trainable": True}
+    d["adapter"] = {"type": "lora"}
+    p = problems(d)
+    assert "cannot sit on trainable int8" in p["adapter.type"]
+    d = base(data_file)
+    d["quant"] = {"type": "nf4"}
+    assert "frozen" in problems(d)["quant.type"]
+
+
+def test_overrides_dotted_typed_and_aliases(tmp_path, data_file):
+    p = write(tmp_path, base(data_file))
+    r = config.load_recipe(p, ["train.learning_rate=1e-3", "optim.name=apollo_mini", "optim.rank=1",
+                               "max_steps=7", "sparsity.loss_tokens.enabled=true", "quant.skip=[lm_head, embed]"])
+    assert r.train.learning_rate == 1e-3 and isinstance(r.train.learning_rate, float)
+    assert r.optim.name == "apollo_mini" and r.optim.rank == 1
+    assert r.train.max_steps == 7
+    assert r.sparsity.loss_tokens.enabled is True
+    assert r.quant.skip == ["lm_head", "embed"]
+
+
+def test_bad_override_value_is_a_problem(tmp_path, data_file):
+    p = write(tmp_path, base(data_file))
+    with pytest.raises(config.RecipeError) as e:
+        config.load_recipe(p, ["train.max_steps=ten", "train.bogus=1"])
+    paths = dict(e.value.problems)
+    assert "train.max_steps" in paths and "train.bogus" in paths
+
+
+def test_cli_validate_exit_2_no_traceback(tmp_path, data_file):
+    d = base(data_file)
+    d["train"]["learning_rat"] = 1
+    d["optim"] = {"name": "nope"}
+    p = write(tmp_path, d)
+    proc = subprocess.run([sys.executable, "-m", "efft.cli", "validate", str(p)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "2 problems" in proc.stderr and "train.learning_rat" in proc.stderr and "optim.name" in proc.stderr
+
+
+def test_cli_train_bad_recipe_exit_2(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "recipe not found" in capsys.readouterr().err
+
+
+def test_cli_ls_cp_schema(tmp_path, capsys):
+    assert main(["ls"]) == 0
+    listed = capsys.readouterr().out
+    names = [p.stem for p in config.list_recipes()]
+    assert names and all(n in listed for n in names)
+    assert main(["cp", names[0], str(tmp_path)]) == 0
+    assert (tmp_path / f"{names[0]}.yaml").is_file()
+    assert main(["cp", names[0], str(tmp_path)]) == 2  # refuses to overwrite
+    capsys.readouterr()
+    assert main(["config-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"model", "data", "train", "optim", "quant", "adapter", "sparsity", "offload"} <= set(schema["properties"])
+
+
+@pytest.mark.parametrize("path", config.list_recipes(), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates(path):
+    config.load_recipe(path)
+
+
+def test_help_is_useful(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("train", "validate", "estimate", "ls", "cp", "config-schema"):
+        assert cmd in out
