@@ -328,6 +328,10 @@ class MemoryTracker:
             self.rss_peak_resettable = reset_peak_rss()
         self.rss_at_start = current_rss_bytes()
 
+    def start(self) -> None:
+        """Start of the measured region (training begins): reset the peak counters."""
+        self.reset_peak()
+
     def peak_bytes(self) -> int:
         if self.on_cuda:
             return int(torch.cuda.max_memory_allocated(self.device))

@@ -123,6 +123,7 @@ def test_tiny_model_report_and_format():
 
 def test_cpu_peak_rss_sees_a_large_allocation():
     tr = MemoryTracker(device="cpu")
+    tr.start()
     if not getattr(tr, "rss_peak_resettable", False):
         pytest.skip("peak RSS cannot be reset on this OS")
     big = torch.ones(48 << 20, dtype=torch.uint8)  # 48 MiB, touched
