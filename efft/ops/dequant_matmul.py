@@ -20,23 +20,9 @@ __all__ = ["dequant_matmul", "dequant_matmul_reference", "dequant_matmul_backwar
 
 def _dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """Full-precision W [out, in] in ``dtype`` via the shared format code (efft.quant.formats)."""
-    try:
-        from efft.quant.formats import dequantize_4bit  # lazy: efft.quant may import efft.ops
-    except ImportError:  # TEMPORARY until efft/quant/formats.py lands; removed then
-        dequantize_4bit = _interim_dequantize_4bit
-    w = dequantize_4bit(packed, state)
-    return w.reshape(state.shape).to(dtype)
+    from efft.quant.formats import dequantize_4bit  # lazy: efft.quant may import efft.ops
 
-
-def _interim_dequantize_4bit(packed, state):
-    p = packed.reshape(-1)
-    codes = torch.stack([p >> 4, p & 15], 1).reshape(-1)[: state.numel].long()
-    absmax = state.absmax
-    if state.nested:
-        absmax = state.state2.code[absmax.long()] * state.state2.absmax.repeat_interleave(256)[: absmax.numel()]
-        absmax = absmax + state.offset
-    scale = absmax.float().repeat_interleave(state.blocksize)[: state.numel]
-    return (state.code[codes] * scale).reshape(state.shape).to(state.dtype)
+    return dequantize_4bit(packed, state, dtype)
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor]):
@@ -67,6 +53,8 @@ def unsupported_reason(x, packed, state: QuantState, bias=None) -> Optional[str]
         return f"expected x in float16/bfloat16/float32, got {x.dtype}"
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreter():
         return "bfloat16 is not supported by the Triton CPU interpreter; use float32/float16 there"
+    if int(state.shape[0]) * int(state.shape[1]) >= 2**31:
+        return f"the kernel indexes W with int32; W{tuple(state.shape)} has 2**31 elements or more"
     if state.code.numel() != 16:
         return f"expected a 16-entry 4-bit code table, got {state.code.numel()} entries"
     if state.nested and (state.state2.code.numel() != 256 or state.offset is None):

@@ -26,14 +26,9 @@ def _from_bnb(packed, s) -> tuple[torch.Tensor, QuantState]:
 
 
 def quantize(w: torch.Tensor, quant_type="nf4", blocksize=64, nested=False):
-    """(packed uint8, QuantState) for w, from efft.quant when it exists, else bitsandbytes (same layout)."""
-    try:
-        from efft.quant.formats import quantize_4bit
-    except ImportError:
-        import bitsandbytes as bnb
+    """(packed uint8, QuantState) for w from efft.quant (bitsandbytes-identical layout)."""
+    from efft.quant import quantize_4bit
 
-        p, s = bnb.functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
-        return _from_bnb(p, s)
     return quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, compress_statistics=nested)
 
 
