@@ -226,12 +226,14 @@ def load_dataset_from_config(cfg, tokenizer, *, seed: int | None = None):
     """``(train, eval or None)`` tokenized datasets for a ``DataConfig``-like object (duck-typed).
 
     Columns: ``input_ids``, ``labels`` (and ``position_ids`` when ``cfg.packing``). The rows are
-    shuffled with ``seed`` (default ``cfg.shuffle_seed``) before ``max_examples`` and the eval split.
+    shuffled with ``cfg.shuffle_seed`` (``seed`` only when cfg has none, so the training seed does
+    not move the eval split) before ``max_examples`` and the eval split.
     Examples left without any labelled token (a prompt longer than ``max_seq_length``) are dropped.
     """
     ds = read_dataset(cfg.path)
     fmt = detect_format(ds.column_names, cfg)
-    seed = getattr(cfg, "shuffle_seed", 0) if seed is None else seed
+    shuffle_seed = getattr(cfg, "shuffle_seed", None)
+    seed = shuffle_seed if shuffle_seed is not None else (seed if seed is not None else 0)
     ds = ds.shuffle(seed=seed)
     if getattr(cfg, "max_examples", None):
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
@@ -256,6 +258,24 @@ def load_dataset_from_config(cfg, tokenizer, *, seed: int | None = None):
         if eval_ds is not None:
             eval_ds = eval_ds.map(pack, batched=True, batch_size=1000, remove_columns=eval_ds.column_names, desc="packing")
     return ds, eval_ds
+
+
+PACKING_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def packing_problem(model) -> str | None:
+    """Why packed rows would leak attention between examples in ``model``, or None if they will not.
+
+    transformers separates packed examples by their position_ids only for the attention
+    implementations above, and only when the forward pass runs without a KV cache.
+    """
+    config = getattr(model, "config", None)
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in PACKING_ATTENTION:
+        return f"packing needs attention that honours position_ids ({', '.join(PACKING_ATTENTION)}); the model uses {attn!r}"
+    if getattr(config, "use_cache", False):
+        return "packing needs model.config.use_cache = False (a training forward with a KV cache ignores packed position_ids); efft.model.load_model sets it"
+    return None
 
 
 @dataclass

@@ -166,6 +166,18 @@ def _check_vocab(model, tokenizer, source: str) -> None:
         )
 
 
+def architecture_config(name: str) -> dict:
+    """The config dict of an architecture shipped in efft/configs (``model.architecture``)."""
+    import json
+
+    folder = Path(__file__).resolve().parent / "configs"
+    f = folder / f"{name}.json"
+    if not f.is_file():
+        names = sorted(p.stem for p in folder.glob("*.json"))
+        raise ValueError(f"model.architecture: no shipped config {name!r} (shipped: {', '.join(names) or 'none'})")
+    return json.loads(f.read_text())
+
+
 def _from_config_block(block: dict, dtype: torch.dtype, attn: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -189,7 +201,10 @@ def load_model(cfg, *, dtype=None):
     dtype = _dtype(dtype if dtype is not None else getattr(cfg, "dtype", "float32"))
     attn = getattr(cfg, "attn_implementation", None) or "sdpa"
     path, block, builtin = getattr(cfg, "path", None), getattr(cfg, "config", None), getattr(cfg, "builtin", None)
+    arch = getattr(cfg, "architecture", None)
     tok_path = getattr(cfg, "tokenizer", None)
+    if arch is not None and path is None and block is None and builtin is None:
+        block = architecture_config(arch)  # a shipped shape alone: random init of it
     given = [k for k, v in (("path", path), ("config", block), ("builtin", builtin)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"model: give exactly one of path, config, builtin (got {given or 'none'})")
