@@ -1,0 +1,608 @@
+"""Full-parameter training on int8 weights (block-wise absmax codes, stochastic-rounding write-back).
+
+Design (why it looks like this):
+
+* Each ``nn.Linear`` becomes an :class:`Int8TrainableLinear` holding ``weight_codes`` (int8) and
+  ``weight_scale`` (float32, one per block) as buffers. There is no persistent full-precision weight.
+* Torch optimizers key their state on float ``nn.Parameter`` objects and autograd needs a float leaf
+  to deliver a gradient to, so the layer keeps ``weight`` as a *grad carrier*: a Parameter with the
+  weight's shape and dtype float32 whose storage is one element expanded with stride 0 (4 bytes).
+  The forward (a custom autograd Function) never reads it; it dequantizes the codes on the fly
+  (again in backward, so no dequantized copy lives between the two) and returns ``dW`` (float32)
+  as the carrier's gradient. Optimizer state is therefore keyed on the carrier as usual, so any
+  torch optimizer, efft's included, works unchanged and its ``state_dict`` stays ordinary.
+* An update needs a real weight for the few milliseconds it runs: ``materialize()`` swaps the
+  carrier's ``.data`` for the dequantized float32 weight, the optimizer updates it in place, and
+  ``commit()`` writes it back onto the codes with stochastic rounding (see
+  :mod:`efft.quant.stochastic`) and swaps the 4-byte carrier back in.
+* Who calls materialize/commit: a process-wide optimizer step pre/post hook
+  (``torch.optim.optimizer.register_optimizer_step_pre_hook``) does it for every int8 carrier that
+  has a gradient, for any ``Optimizer.step()``, so a plain ``AdamW(model.parameters())`` works.
+  With a whole-model step that briefly materializes every layer at once; for memory use
+  :class:`Int8LayerwiseOptimizer`, which updates each parameter inside backward (post-accumulate-
+  grad hook) through a per-parameter instance of any optimizer class (efft's APOLLO-Mini, GaLore,
+  FRUGAL, torch AdamW), so one layer's float32 gradient and weight exist at a time.
+* Stochastic rounding uses counter-based seeds (layer seed, write-back counter), both saved with
+  the codes, so save/resume reproduces training bit for bit.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .stochastic import (QMAX, dequantize_int8_blockwise, mix_seed, n_blocks, quantize_int8_blockwise,
+                         requantize)
+
+__all__ = [
+    "Int8TrainableLinear", "Int8LayerwiseOptimizer", "prepare_int8_training", "int8_layers",
+    "export_full_precision", "save_int8_checkpoint", "load_int8_checkpoint", "int8_training_problems",
+    "validate_int8_training", "is_int8_carrier", "EMBEDDING_MODES",
+]
+
+EMBEDDING_MODES = ("frozen", "trainable")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _carrier_data(shape, device) -> torch.Tensor:
+    """A float32 tensor of ``shape`` backed by one element (stride 0): what the carrier holds at rest."""
+    return torch.zeros((), dtype=torch.float32, device=device).expand(*shape)
+
+
+def is_int8_carrier(p: torch.Tensor) -> bool:
+    return getattr(p, "_efft_int8_owner", None) is not None
+
+
+def _owner(p: torch.Tensor) -> Optional["Int8TrainableLinear"]:
+    ref = getattr(p, "_efft_int8_owner", None)
+    return ref() if ref is not None else None
+
+
+# ------------------------------------------------------------------------------------------ autograd
+class _Int8LinearFn(torch.autograd.Function):
+    """y = x W^T + b with W dequantized from int8 codes in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, carrier, bias, layer):
+        cd = layer.compute_dtype
+        w = layer.dequantize(cd)
+        y = torch.nn.functional.linear(x.to(cd), w, None if bias is None else bias.to(cd))
+        del w
+        ctx.layer = layer
+        ctx.version = layer.weight_codes._version
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        (x,) = ctx.saved_tensors
+        layer = ctx.layer
+        if layer.weight_codes._version != ctx.version:
+            raise RuntimeError(f"{layer._name or 'Int8TrainableLinear'}: its int8 weight was updated between forward "
+                               "and backward (an optimizer step inside the graph?); the gradient would be wrong")
+        cd = layer.compute_dtype
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy.to(cd) @ layer.dequantize(cd)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            g2 = gy.reshape(-1, gy.shape[-1]).to(cd)
+            x2 = x.reshape(-1, x.shape[-1]).to(cd)
+            gw = (g2.t() @ x2).float()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.reshape(-1, gy.shape[-1]).float().sum(0)
+        return gx, gw, gb, None
+
+
+# ------------------------------------------------------------------------------------------- module
+class Int8TrainableLinear(nn.Module):
+    """A Linear whose weight is int8 codes + float32 block scales, trained through a grad carrier.
+
+    ``rounding``: "stochastic" (default) or "nearest" (the ablation that loses small updates).
+    ``shrink``: a block is re-gridded when its absmax falls below this fraction of its range.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
+                 compute_dtype: torch.dtype = torch.float32, seed: int = 0, rounding: str = "stochastic",
+                 shrink: float = 0.5, device=None):
+        super().__init__()
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {rounding!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.compute_dtype = blocksize, compute_dtype
+        self.rounding, self.shrink = rounding, shrink
+        self._name = ""
+        self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(n_blocks(out_features * in_features, blocksize),
+                                                         dtype=torch.float32, device=device))
+        # [seed, number of write-backs so far]: the stochastic-rounding stream, saved for exact resume
+        self.register_buffer("sr_state", torch.tensor([int(seed), 0], dtype=torch.int64, device=device))
+        self.weight = nn.Parameter(_carrier_data((out_features, in_features), device))
+        self.weight._efft_int8_owner = weakref.ref(self)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._materialized = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kw) -> "Int8TrainableLinear":
+        """Quantize ``linear.weight`` (nearest rounding: the smallest initial error)."""
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, **kw)
+        codes, scale = quantize_int8_blockwise(w, m.blocksize, "nearest")
+        m.weight_codes.copy_(codes)
+        m.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            m.bias.data = linear.bias.detach().float().clone()
+            m.bias.requires_grad_(linear.bias.requires_grad)
+        m.weight.requires_grad_(linear.weight.requires_grad)
+        return m
+
+    # --------------------------------------------------------------------------------- values
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8_blockwise(self.weight_codes, self.weight_scale, self.blocksize, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._materialized:
+            raise RuntimeError(f"{self._name or 'Int8TrainableLinear'}: forward during an optimizer update "
+                               "(weight materialized, not yet written back)")
+        return _Int8LinearFn.apply(x, self.weight, self.bias, self)
+
+    # ---------------------------------------------------------------------------- update cycle
+    def materialize(self) -> None:
+        """Give the carrier the dequantized float32 weight, for an optimizer to update in place."""
+        if not self._materialized:
+            self.weight.data = self.dequantize(torch.float32)
+            self._materialized = True
+
+    def commit(self) -> None:
+        """Write the (updated) float32 weight back onto the codes with this layer's rounding; free it."""
+        if not self._materialized:
+            return
+        w = self.weight.data
+        if not torch.isfinite(w).all():
+            self.weight.data = _carrier_data(self.weight.shape, w.device)
+            self._materialized = False
+            raise FloatingPointError(f"{self._name or 'Int8TrainableLinear'}: non-finite weight after the update; "
+                                     "the int8 weight was left unchanged")
+        seed, counter = (int(v) for v in self.sr_state.tolist())
+        codes, scale, _ = requantize(w, self.weight_codes, self.weight_scale, self.blocksize, self.rounding,
+                                     shrink=self.shrink, seed=mix_seed(seed, counter))
+        self.weight_codes.copy_(codes)
+        self.weight_scale.copy_(scale)
+        self.sr_state[1] += 1
+        self.weight.data = _carrier_data(self.weight.shape, w.device)
+        self._materialized = False
+
+    # ------------------------------------------------------------------------- torch plumbing
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) must not materialize the carrier or cast the scales: move them, keep float32.
+        carrier = self._parameters.pop("weight")
+        scale = self._buffers.pop("weight_scale")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = carrier
+            self._buffers["weight_scale"] = scale
+        device = self.weight_codes.device
+        if scale.device != device:
+            self._buffers["weight_scale"] = scale.to(device)
+        if carrier.device != device:
+            carrier.data = _carrier_data(carrier.shape, device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._materialized:
+            raise RuntimeError(f"{self._name or 'Int8TrainableLinear'}: state_dict during an update")
+        for name in ("weight_codes", "weight_scale", "sr_state"):
+            t = self._buffers[name]
+            destination[prefix + name] = t if keep_vars else t.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Loads int8 keys (``weight_codes``, ``weight_scale``, ``sr_state``), or a float ``weight``
+        (quantized with nearest rounding), plus ``bias``."""
+        def take(name):
+            return state_dict.get(prefix + name)
+
+        codes, scale, sr, w = take("weight_codes"), take("weight_scale"), take("sr_state"), take("weight")
+        shape = (self.out_features, self.in_features)
+        if codes is not None:
+            if codes.dtype != torch.int8 or tuple(codes.shape) != shape:
+                error_msgs.append(f"{prefix}weight_codes: expected int8 {shape}, got {codes.dtype} {tuple(codes.shape)}")
+            elif scale is None or scale.numel() != self.weight_scale.numel():
+                error_msgs.append(f"{prefix}weight_scale: expected {self.weight_scale.numel()} float32 block scales "
+                                  f"(blocksize {self.blocksize}), got {None if scale is None else scale.numel()}")
+            else:
+                self.weight_codes.copy_(codes)
+                self.weight_scale.copy_(scale.float())
+        elif w is not None:
+            if tuple(w.shape) != shape:
+                error_msgs.append(f"{prefix}weight: expected shape {shape}, got {tuple(w.shape)}")
+            else:
+                c, s = quantize_int8_blockwise(w.to(self.weight_codes.device), self.blocksize, "nearest")
+                self.weight_codes.copy_(c)
+                self.weight_scale.copy_(s)
+        elif strict:
+            missing_keys.append(prefix + "weight_codes")
+        if sr is not None:
+            self.sr_state.copy_(sr)
+        if self.bias is not None:
+            b = take("bias")
+            if b is None:
+                if strict:
+                    missing_keys.append(prefix + "bias")
+            else:
+                self.bias.data.copy_(b)
+        if strict:
+            known = {prefix + k for k in ("weight_codes", "weight_scale", "sr_state", "weight", "bias")}
+            for k in state_dict:
+                if k.startswith(prefix) and "." not in k[len(prefix):] and k not in known:
+                    unexpected_keys.append(k)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, compute_dtype={self.compute_dtype}, rounding={self.rounding}")
+
+
+def int8_layers(model: nn.Module) -> list[Int8TrainableLinear]:
+    return [m for m in model.modules() if isinstance(m, Int8TrainableLinear)]
+
+
+# ------------------------------------------------------------------------------------ step hooks
+_hooks: list = []
+# One pre/post pair for the whole process: any Optimizer.step() materializes the int8 carriers it
+# will update (those with a gradient) and writes them back afterwards.
+
+
+def _pre_step(opt, args, kwargs):
+    todo = []
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if p.grad is not None and is_int8_carrier(p):
+                layer = _owner(p)
+                if layer is not None and not layer._materialized:
+                    layer.materialize()
+                    todo.append(layer)
+    if todo:
+        opt.__dict__.setdefault("_efft_int8_pending", []).extend(todo)
+
+
+def _post_step(opt, args, kwargs):
+    todo = opt.__dict__.pop("_efft_int8_pending", None)
+    for layer in todo or ():
+        layer.commit()
+
+
+def _ensure_step_hooks() -> None:
+    if not _hooks:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        _hooks.append(register_optimizer_step_pre_hook(_pre_step))
+        _hooks.append(register_optimizer_step_post_hook(_post_step))
+
+
+# ------------------------------------------------------------------------------------ layer-wise
+class Int8LayerwiseOptimizer(torch.optim.Optimizer):
+    """Updates each parameter inside backward, as soon as its gradient is complete.
+
+    ``optimizer_cls`` is any torch optimizer class (efft ``APOLLOAdamW``/``GaLoreAdamW``/``FRUGAL``,
+    ``torch.optim.AdamW``); one instance per parameter is built with that parameter's group options
+    (``rank``, ``scale``, ... pass through). An int8 carrier is materialized, updated, written back
+    with stochastic rounding and its gradient freed right in its post-accumulate-grad hook, so one
+    layer's float32 weight and gradient exist at a time.
+
+    Gradient accumulation: the update runs on every ``gradient_accumulation_steps``-th accumulation
+    of a parameter; ``step()`` applies any gradient still pending (a short last cycle) and is a
+    no-op otherwise. A scheduler steps this object's ``param_groups`` as usual; their ``lr`` (and
+    other hyper-parameters) are copied to the per-parameter optimizers before each update.
+    Clipping: ``max_grad_norm`` here clips each parameter's gradient norm separately (a global norm
+    does not exist yet when the first layer is updated); ``None`` disables it.
+    """
+
+    def __init__(self, params: Iterable, optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW, *,
+                 gradient_accumulation_steps: int = 1, max_grad_norm: Optional[float] = None, **defaults):
+        if gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        super().__init__(params, defaults)
+        self.accumulation = gradient_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.optimizer_cls = optimizer_cls
+        self._subs: list[torch.optim.Optimizer] = []
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group index, sub index)
+        self._counts: list[int] = []
+        self._handles = []
+        for gi, g in enumerate(self.param_groups):
+            opts = {k: v for k, v in g.items() if k != "params"}
+            for p in g["params"]:
+                if not p.requires_grad:
+                    continue
+                if id(p) in self._where:
+                    raise ValueError("a parameter appears twice in the optimizer's groups")
+                self._where[id(p)] = (gi, len(self._subs))
+                self._subs.append(optimizer_cls([{"params": [p], **opts}]))
+                self._counts.append(0)
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        gi, si = self._where[id(p)]
+        self._counts[si] += 1
+        if self._counts[si] % self.accumulation == 0:
+            self._update(p, gi, si)
+
+    @torch.no_grad()
+    def _update(self, p: torch.Tensor, gi: int, si: int) -> None:
+        sub = self._subs[si]
+        group = self.param_groups[gi]
+        for k, v in group.items():
+            if k != "params":
+                sub.param_groups[0][k] = v
+        if self.max_grad_norm is not None:
+            norm = p.grad.float().norm()
+            if torch.isfinite(norm) and norm > self.max_grad_norm:
+                p.grad.mul_(self.max_grad_norm / (norm + 1e-6))
+        layer = _owner(p)
+        if layer is not None:
+            layer.materialize()
+        try:
+            sub.step()
+        finally:
+            if layer is not None:
+                layer.commit()
+        p.grad = None
+        self._counts[si] = 0
+        self.state[p] = sub.state[p]
+
+    def step(self, closure=None):
+        """Applies gradients still pending (an accumulation cycle cut short); normally a no-op."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None and id(p) in self._where:
+                    gi, si = self._where[id(p)]
+                    self._update(p, gi, si)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad = None
+        self._counts = [0] * len(self._counts)
+
+    def state_dict(self) -> dict:
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(range(len(g["params"])))}
+                  for g in self.param_groups]
+        return {"state": {}, "param_groups": groups, "per_param": [s.state_dict() for s in self._subs],
+                "counts": list(self._counts)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        subs = state_dict.get("per_param")
+        if subs is None or len(subs) != len(self._subs):
+            raise ValueError(f"Int8LayerwiseOptimizer.load_state_dict: expected {len(self._subs)} per-parameter "
+                             f"states, got {None if subs is None else len(subs)}")
+        for g, sg in zip(self.param_groups, state_dict["param_groups"]):
+            g.update({k: v for k, v in sg.items() if k != "params"})
+        for sub, sd in zip(self._subs, subs):
+            sub.load_state_dict(sd)
+        self._counts = list(state_dict.get("counts", [0] * len(self._subs)))
+        self.state.clear()
+        for sub in self._subs:
+            for p, st in sub.state.items():
+                self.state[p] = st
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+# ---------------------------------------------------------------------------------------- prepare
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    parts = name.split(".")
+    for s in patterns:
+        if name == s or name.endswith("." + s) or s in parts:
+            return True
+    return False
+
+
+def prepare_int8_training(model: nn.Module, quant_cfg: Any = None, *, embeddings: str = "frozen", seed: int = 0,
+                          rounding: str = "stochastic", shrink: float = 0.5) -> nn.Module:
+    """Replace every ``nn.Linear`` not in ``quant_cfg.skip`` (default ``["lm_head"]``) by an
+    :class:`Int8TrainableLinear` (in place; returns ``model``).
+
+    ``quant_cfg``: an ``efft.config.QuantConfig`` (``type: int8, trainable: true``) or None for the
+    defaults (blocksize 64, compute dtype float32). ``embeddings``: "frozen" (input embeddings and
+    the skipped Linear layers, i.e. the LM head, get ``requires_grad=False``: no gradient, no
+    optimizer state) or "trainable" (left full precision and trainable; with ``optim.state_bits: 8``
+    their state is 8-bit). Other parameters (norms, biases) stay full precision and trainable.
+    """
+    blocksize, cd, skip = 64, torch.float32, ["lm_head"]
+    if quant_cfg is not None:
+        problems = _quant_problems(quant_cfg)
+        if problems:
+            raise ValueError("prepare_int8_training: " + "; ".join(f"quant.{k}: {m}" for k, m in problems))
+        blocksize, cd, skip = quant_cfg.blocksize, _DTYPES[quant_cfg.compute_dtype], list(quant_cfg.skip)
+    if embeddings not in EMBEDDING_MODES:
+        extra = " (host-resident embeddings are not built)" if embeddings == "host" else ""
+        raise ValueError(f"embeddings must be one of {EMBEDDING_MODES}, got {embeddings!r}{extra}")
+    if any(isinstance(m, Int8TrainableLinear) for m in model.modules()):
+        raise ValueError("prepare_int8_training: the model already has int8 trainable layers")
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
+    if not linears:
+        raise ValueError(f"prepare_int8_training: no nn.Linear left to convert (skip={skip})")
+    # a weight shared with another module (tied LM head) cannot become int8 codes on one side only
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules():
+        for pn, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
+    for n, m in linears:
+        if len(owners.get(id(m.weight), [])) > 1:
+            raise ValueError(f"prepare_int8_training: {n}.weight is shared with {owners[id(m.weight)]} (tied "
+                             f"weights); add {n.split('.')[-1]!r} to quant.skip")
+    for i, (name, lin) in enumerate(linears):
+        new = Int8TrainableLinear.from_linear(lin, blocksize=blocksize, compute_dtype=cd,
+                                              seed=mix_seed(seed, i) & 0x7FFFFFFFFFFFFFFF, rounding=rounding,
+                                              shrink=shrink)
+        new._name = name
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+        del lin
+    if embeddings == "frozen":
+        frozen = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        frozen += [m for n, m in model.named_modules() if type(m) is nn.Linear]
+        for m in frozen:
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+    _ensure_step_hooks()
+    model._efft_int8_training = {"blocksize": blocksize, "compute_dtype": str(cd), "embeddings": embeddings,
+                                 "rounding": rounding, "layers": len(linears)}
+    return model
+
+
+# ------------------------------------------------------------------------------------- validation
+def _quant_problems(q: Any) -> list[tuple[str, str]]:
+    p = []
+    if q.type != "int8":
+        p.append(("type", f"trainable quantized weights need type: int8, got {q.type!r}"))
+    if not q.trainable:
+        p.append(("trainable", "prepare_int8_training needs trainable: true (a frozen int8 base is quantize_model's job)"))
+    if q.outlier_threshold is not None:
+        p.append(("outlier_threshold", "fp16 outlier columns (LLM.int8()) are not supported for trainable int8 "
+                                       "weights: block-wise scales already bound outliers to their block; remove it"))
+    if q.kernel == "triton":
+        p.append(("kernel", "trainable int8 layers run the torch path only; use kernel: auto or torch"))
+    return p
+
+
+def int8_training_problems(recipe: Any) -> list[tuple[str, str]]:
+    """``(path, message)`` for each combination that cannot work with ``quant.trainable: true``,
+    beyond those ``efft.config._combination_problems`` already reports. Empty when not trainable."""
+    q = recipe.quant
+    if not q.trainable:
+        return []
+    p = [(f"quant.{k}", m) for k, m in _quant_problems(q) if k != "type"]  # type: the schema reports it
+    s = recipe.sparsity
+    if s.sampled_linear.enabled:
+        p.append(("sparsity.sampled_linear.enabled", "sampled-linear backward replaces the Linear backward, which "
+                                                      "trainable int8 layers own; they cannot be combined yet"))
+    if recipe.offload.optimizer:
+        p.append(("offload.optimizer", "optimizer-state offload is not wired to trainable int8 weights (the update "
+                                       "materializes the weight on the device); turn one of them off"))
+    if recipe.optim.name == "adamw8bit" and recipe.optim.layerwise:
+        pass  # the schema reports this one
+    return p
+
+
+def validate_int8_training(recipe: Any) -> None:
+    """Raise ``efft.config.RecipeError`` listing every problem of a trainable-int8 recipe, before any
+    weight is loaded (the schema's own combination rules included)."""
+    from efft.config import RecipeError, _combination_problems
+
+    problems = [x for x in _combination_problems(recipe) if x[0] in ("quant.trainable", "adapter.type")
+                and recipe.quant.trainable]
+    problems += int8_training_problems(recipe)
+    if problems:
+        raise RecipeError(problems)
+
+
+# ------------------------------------------------------------------------------------------ saving
+def full_precision_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The model's state dict with each int8 layer's ``weight`` dequantized (``dtype``) and the int8
+    keys removed; other floating tensors cast to ``dtype``: the layout of the original model."""
+    int8 = {n: m for n, m in model.named_modules() if isinstance(m, Int8TrainableLinear)}
+    out = {}
+    for k, v in model.state_dict().items():
+        mod, _, leaf = k.rpartition(".")
+        if mod in int8 and leaf in ("weight_codes", "weight_scale", "sr_state"):
+            if leaf == "weight_codes":
+                out[f"{mod}.weight"] = int8[mod].dequantize(dtype)
+            continue
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def export_full_precision(model: nn.Module, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save a plain full-precision checkpoint (``save_pretrained`` layout, ``from_pretrained``-loadable
+    as the original architecture) of an int8-trained model."""
+    out_dir = Path(out_dir)
+    sd = full_precision_state_dict(model, dtype)
+    save = getattr(model, "save_pretrained", None)
+    if save is None:
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / "model.safetensors"))
+        return out_dir
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "dtype", None) if cfg is not None else None
+    if cfg is not None:
+        cfg.dtype = dtype
+    try:
+        save(str(out_dir), state_dict=sd)
+    finally:
+        if cfg is not None:
+            cfg.dtype = old
+    return out_dir
+
+
+def save_int8_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """The int8 model (codes, scales, rounding-stream state, every other tensor) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # tied weights: safetensors refuses shared storage; keep the first name
+    seen, out = set(), {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    save_file(out, str(path), metadata={"format": "efft-int8-trainable"})
+    return path
+
+
+def load_int8_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load :func:`save_int8_checkpoint`'s file into a model already prepared with the same layout."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path), device=str(next(iter(model.buffers())).device))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = set()
+    for n, m in model.named_modules():
+        for pn, p in m.named_parameters(recurse=False):
+            tied.add(f"{n}.{pn}" if n else pn)
+    missing = [k for k in missing if not _is_tied_copy(model, k, sd)]
+    if missing or unexpected:
+        raise ValueError(f"load_int8_checkpoint({path}): missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    return model
+
+
+def _is_tied_copy(model: nn.Module, key: str, sd: dict) -> bool:
+    """A key left out of the file because its tensor is the same as another saved key's."""
+    try:
+        t = model.get_parameter(key)
+    except AttributeError:
+        return False
+    return any(model.get_parameter(k) is t for k in sd if k != key and _is_param(model, k))
+
+
+def _is_param(model: nn.Module, key: str) -> bool:
+    try:
+        model.get_parameter(key)
+        return True
+    except AttributeError:
+        return False
