@@ -1,0 +1,482 @@
+"""Optimizer-state offload: any torch optimizer's state in host memory, stepped on the CPU while
+backward is still running.
+
+How a step goes (``eager=True``, the default):
+
+1. During backward, a post-accumulate-grad hook fires when a parameter's gradient is complete. On the
+   last micro-batch of an optimizer step (``gradient_accumulation_steps``, counted per parameter),
+   the gradient is copied to a host buffer on the side stream and the parameter's CPU step is handed
+   to a worker thread at once: early layers are still in backward while late ones are updated.
+2. ``step()`` runs the steps of parameters that kept their state on the device (small ones), waits
+   for each worker, and copies each updated parameter back on the side stream with its own event;
+   the compute stream waits on those events (on the GPU, not the CPU).
+
+Global-norm clipping (``max_grad_norm``): an eager step cannot know the global norm, so with
+clipping the workers only copy gradients and compute per-parameter norms during backward; the steps
+start in ``step()`` once the norm over *all* this optimizer's gradients is known. The norm and the
+scaling are those of ``torch.nn.utils.clip_grad_norm_`` over the parameters in group order (bitwise
+the same on CPU). Clipping done *outside* (e.g. Trainer's own ``clip_grad_norm_``) after an eager step
+is detected (the gradient's version changed) and raises; ``trainer_callbacks()`` moves Trainer's
+clipping and accumulation settings into this optimizer instead.
+
+The inner optimizer is a clone of the one given, its offloaded parameters replaced by host copies,
+so every attribute it keys by parameter (seeds, refresh offsets) stays aligned. It is stepped one
+parameter at a time: through ``update_param(p, grad)`` when the class has one (efft's projected
+optimizers), else through a per-parameter view sharing the state dict (valid for optimizers whose
+step treats parameters independently, as every torch.optim one does).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterable, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from .pinned import HostBufferPool, register_host_bytes_provider
+from .transfer import Mover, wait_cpu
+
+__all__ = ["OffloadOptimizer", "offload_optimizer"]
+
+
+def _cfg(cfg: Any, name: str, default):
+    return default if cfg is None else getattr(cfg, name, default)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _Slot:
+    """One parameter: where its state lives and what is in flight for it."""
+
+    __slots__ = ("index", "param", "group", "inner", "on_host", "gbuf", "stepper", "count", "launched", "in_backward",
+                 "future", "norm", "grad_ref", "grad_version", "h2d_event", "version", "pinned_bytes")
+
+    def __init__(self, index: int, param: torch.Tensor, group: int):
+        self.index, self.param, self.group = index, param, group
+        self.inner: torch.Tensor = param  # the tensor the inner optimizer updates (host copy or param)
+        self.on_host = False
+        self.gbuf: Optional[torch.Tensor] = None
+        self.stepper = None
+        self.count = 0
+        self.launched = False
+        self.in_backward = False
+        self.future: Optional[Future] = None
+        self.norm: Optional[Future] = None
+        self.grad_ref = None
+        self.grad_version = -1
+        self.h2d_event = None
+        self.version = -1
+        self.pinned_bytes = 0
+
+
+def _move_state(st: dict, device: torch.device) -> dict:
+    """State tensors to ``device``; torch keeps a non-capturable "step" on the CPU, so it stays."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and k != "step" else v for k, v in st.items()}
+
+
+def _clone_with_params(optimizer: Optimizer, mapping: dict[int, torch.Tensor]) -> Optimizer:
+    """A copy of ``optimizer`` whose parameters ``id(p) -> q`` are replaced everywhere (groups, any
+    per-parameter dict such as seeds or refresh offsets); existing state moves to ``q``'s device."""
+    memo: dict[int, Any] = dict(mapping)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            memo.setdefault(id(p), p)
+    new = object.__new__(type(optimizer))
+    # "state" is handled below (no deep copy of device tensors); "step" may be a scheduler's patch.
+    d = {k: v for k, v in optimizer.__dict__.items() if k not in ("state", "step")}
+    new.__dict__.update(copy.deepcopy(d, memo))
+    new.state = defaultdict(dict)
+    for p, st in optimizer.state.items():
+        q = memo.get(id(p), p)
+        new.state[q] = _move_state(st, q.device) if q is not p else st
+    return new
+
+
+class OffloadOptimizer(Optimizer):
+    """Wraps ``optimizer_class(params, **optimizer_kwargs)`` with host-resident optimizer state.
+
+    ``cfg`` is duck-typed (``efft.config.OffloadConfig``): ``keep_small_params_on_device_bytes``,
+    ``pin_memory``, ``max_pinned_bytes``. Keyword options: ``gradient_accumulation_steps`` (micro-batches
+    per step; the eager step fires on the last), ``max_grad_norm`` (global-norm clipping done here),
+    ``eager`` (False: nothing happens before ``step()``, as in torchao), ``workers`` (CPU threads),
+    ``trace`` (record every copy and step in ``self.trace`` for tests).
+    """
+
+    def __init__(self, params: Iterable, optimizer_class: type, cfg: Any = None, *, gradient_accumulation_steps: int = 1,
+                 max_grad_norm: Optional[float] = None, eager: bool = True, workers: Optional[int] = None,
+                 trace: bool = False, **optimizer_kwargs):
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
+            raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+        base = optimizer_class(params, **optimizer_kwargs)
+        self._setup(base, cfg, gradient_accumulation_steps, max_grad_norm, eager, workers, trace)
+
+    @classmethod
+    def wrap(cls, optimizer: Optimizer, cfg: Any = None, **kw) -> "OffloadOptimizer":
+        self = object.__new__(cls)
+        self._setup(optimizer, cfg, kw.pop("gradient_accumulation_steps", 1), kw.pop("max_grad_norm", None),
+                    kw.pop("eager", True), kw.pop("workers", None), kw.pop("trace", False))
+        if kw:
+            raise TypeError(f"unexpected options: {sorted(kw)}")
+        return self
+
+    # ------------------------------------------------------------------------------ set-up
+    def _setup(self, base: Optimizer, cfg, accumulation, max_grad_norm, eager, workers, trace) -> None:
+        if isinstance(base, OffloadOptimizer):
+            raise TypeError("this optimizer is already offloaded")
+        if getattr(base, "layerwise", False) or type(base).__name__.lower().startswith("layerwise"):
+            raise ValueError("optimizer offload cannot wrap a layer-wise optimizer (both step inside backward): "
+                             "use one of optim.layerwise or offload.optimizer")
+        params = [p for g in base.param_groups for p in g["params"]]
+        if not params:
+            raise ValueError("optimizer has no parameters")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter appears more than once in the optimizer's groups")
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"all parameters must be on one device to offload their state, got {sorted(map(str, devices))}")
+        if any(p.is_sparse for p in params):
+            raise ValueError("sparse parameters cannot be offloaded")
+        self.device = params[0].device
+        self.keep_small_bytes = int(_cfg(cfg, "keep_small_params_on_device_bytes", 1 << 20))
+        self.pool = HostBufferPool(pin_memory=_cfg(cfg, "pin_memory", True), max_pinned_bytes=_cfg(cfg, "max_pinned_bytes", 8 << 30),
+                                   name="optimizer state")
+        self.gradient_accumulation_steps = accumulation
+        self.max_grad_norm = max_grad_norm
+        self.eager = bool(eager)
+        self.trace: Optional[list] = [] if trace else None
+        self.mover = Mover(self.device, trace=self.trace)
+        self.last_grad_norm: Optional[torch.Tensor] = None
+        self._lock = threading.Lock()
+        self._migrated = False
+
+        # The wrapper's groups are the user's (schedulers write lr there); Optimizer.__init__ is not
+        # called because it would rebuild them.
+        self.defaults = base.defaults
+        self.param_groups = base.param_groups
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+
+        self._slots: list[_Slot] = []
+        for gi, g in enumerate(base.param_groups):
+            for p in g["params"]:
+                self._slots.append(_Slot(len(self._slots), p, gi))
+        mapping = {}
+        for s in self._slots:
+            if _nbytes(s.param) >= max(self.keep_small_bytes, 1) and s.param.requires_grad:
+                mapping[id(s.param)] = self._host_copy(s)
+        # An optimizer that already stepped brings its state along; do not use ``base`` afterwards.
+        self.inner = _clone_with_params(base, mapping)
+        base.state = defaultdict(dict)
+        self._synced = False
+        for s in self._slots:
+            s.version = s.param._version
+        self._build_steppers()
+        n = workers if workers is not None else max(1, min(4, (os.cpu_count() or 2) // 2))
+        nthreads = torch.get_num_threads()
+        # Same intra-op thread count as the caller: CPU reductions then give the same bits.
+        self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="efft-offload",
+                                        initializer=torch.set_num_threads, initargs=(nthreads,))
+        self._hooks = [s.param.register_post_accumulate_grad_hook(self._hook_for(s)) for s in self._slots if s.param.requires_grad]
+        register_host_bytes_provider(self.host_bytes)
+
+    def _host_copy(self, s: _Slot) -> torch.Tensor:
+        p = s.param
+        hp, pinned = self.pool.alloc_persistent(p, what=f"parameter {s.index} {tuple(p.shape)}")
+        s.gbuf, gp = self.pool.alloc_persistent(p, what=f"gradient {s.index} {tuple(p.shape)}")
+        s.pinned_bytes = _nbytes(p) * (int(pinned) + int(gp))
+        wait_cpu(self.mover.to_host(hp, p.detach(), tag=("param", s.index)))
+        s.on_host = True
+        s.inner = hp
+        return hp
+
+    def _build_steppers(self) -> None:
+        """Per-parameter step functions on the inner optimizer (re-made after load_state_dict)."""
+        inner = self.inner
+        for s in self._slots:
+            s.inner = inner.param_groups[s.group]["params"][self._pos_in_group(s)]
+        if callable(getattr(inner, "update_param", None)):
+            for s in self._slots:
+                s.stepper = (lambda t: (lambda: inner.update_param(t, t.grad)))(s.inner)
+            return
+        for s in self._slots:
+            view = object.__new__(type(inner))
+            view.__dict__.update(inner.__dict__)  # shares state, hooks, defaults
+            view.param_groups = [dict(inner.param_groups[s.group], params=[s.inner])]
+            s.stepper = self._view_stepper(view, s.group)
+
+    def _view_stepper(self, view: Optimizer, gi: int):
+        def run():
+            view.param_groups[0].update({k: v for k, v in self.inner.param_groups[gi].items() if k != "params"})
+            view.step()
+        return run
+
+    def _pos_in_group(self, s: _Slot) -> int:
+        start = sum(len(self.param_groups[g]["params"]) for g in range(s.group))
+        return s.index - start
+
+    # ------------------------------------------------------------------------------ hooks
+    def _hook_for(self, s: _Slot):
+        def hook(param: torch.Tensor) -> None:
+            if s.launched:
+                raise RuntimeError(
+                    f"efft offload: parameter {s.index} {tuple(param.shape)} got a gradient after its optimizer step "
+                    f"was launched; this optimizer steps on backward number {self.gradient_accumulation_steps} of each "
+                    f"step: set gradient_accumulation_steps to the number of backward passes per optimizer.step()")
+            s.count += 1
+            if self.eager and s.count >= self.gradient_accumulation_steps:
+                self._launch(s, in_backward=True)
+        return hook
+
+    def _sync_groups(self) -> None:
+        """Hyperparameters (lr from a scheduler, ...) from the user's groups into the inner ones; done
+        once per step, before the first worker of that step starts, so no worker sees a half update."""
+        if self._synced:
+            return
+        for g, ig in zip(self.param_groups, self.inner.param_groups):
+            for k, v in g.items():
+                if k != "params":
+                    ig[k] = v
+        self._synced = True
+
+    def _launch(self, s: _Slot, in_backward: bool) -> None:
+        """Gradient complete (last micro-batch): stream it to host and start the CPU work."""
+        s.launched, s.in_backward = True, in_backward
+        g = s.param.grad
+        if self.trace is not None:
+            self.trace.append(("launch", s.index, "backward" if in_backward else "step"))
+        if not s.on_host:
+            return  # stepped on the device in step()
+        s.grad_ref, s.grad_version = g, g._version
+        if s.param._version != s.version:  # changed outside the optimizer (weights loaded): refresh the host copy
+            wait_cpu(s.h2d_event)
+            wait_cpu(self.mover.to_host(s.inner, s.param.detach(), tag=("param", s.index)))
+            s.version = s.param._version
+        ev = self.mover.to_host(s.gbuf, g, tag=("grad", s.index))
+        if self.max_grad_norm:
+            s.norm = self._pool.submit(self._host_norm, s, ev)
+        else:
+            self._sync_groups()
+            s.future = self._pool.submit(self._host_step, s, ev, None)
+
+    def _host_norm(self, s: _Slot, ev) -> torch.Tensor:
+        wait_cpu(ev)
+        if self.trace is not None:
+            self.trace.append(("norm", s.index, threading.current_thread().name))
+        return torch.linalg.vector_norm(s.gbuf, 2.0)
+
+    @torch.no_grad()
+    def _host_step(self, s: _Slot, ev, coef: Optional[torch.Tensor]) -> None:
+        wait_cpu(ev)
+        wait_cpu(s.h2d_event)  # the last copy-back must have read the host copy before it changes
+        t = s.inner
+        t.grad = s.gbuf
+        if coef is not None:
+            t.grad.mul_(coef)
+        try:
+            s.stepper()
+        finally:
+            t.grad = None
+        if self.trace is not None:
+            self.trace.append(("step", s.index, threading.current_thread().name))
+
+    # ------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        slots = [s for s in self._slots if s.launched or s.param.grad is not None]
+        try:
+            for s in slots:
+                if not s.launched:
+                    self._launch(s, in_backward=False)
+                elif s.on_host and (s.param.grad is not s.grad_ref or s.param.grad._version != s.grad_version):
+                    raise RuntimeError(
+                        f"efft offload: the gradient of parameter {s.index} {tuple(s.param.shape)} changed after it was "
+                        "copied for its eager step (clip_grad_norm_ or a grad scaler between backward and step()?). "
+                        "Give max_grad_norm to the offload optimizer (with transformers.Trainer add "
+                        "optimizer.trainer_callbacks()), or build it with eager=False")
+            self._sync_groups()
+            coef = self._clip(slots) if self.max_grad_norm else None
+            if coef is not None:
+                for s in slots:
+                    if s.on_host:
+                        s.future = self._pool.submit(self._host_step, s, None, coef)
+            for s in slots:  # device-resident state: step here, while the workers run
+                if not s.on_host:
+                    self._device_step(s, coef)
+            for s in slots:  # per-parameter copy-back, each with its own event
+                if s.on_host:
+                    s.future.result()
+                    s.h2d_event = self.mover.to_device(s.param, s.inner, tag=("param", s.index))
+                    self.mover.wait_here(s.h2d_event)
+                    s.version = s.param._version
+        finally:
+            for s in self._slots:
+                for f in (s.future, s.norm):
+                    if f is not None and not f.done():
+                        f.exception()  # never leave a worker writing behind an exception
+                s.count, s.launched, s.future, s.norm, s.grad_ref = 0, False, None, None, None
+            self._synced = False
+        if not self._migrated:
+            self._migrated = True
+            self._migrate_small_states()
+        return loss
+
+    def _device_step(self, s: _Slot, coef: Optional[torch.Tensor]) -> None:
+        t, g = s.inner, s.param.grad
+        if coef is not None:
+            g.mul_(coef.to(g.device))
+        t.grad = g  # t is the parameter, or (state moved back) a tensor sharing its storage
+        try:
+            s.stepper()
+        finally:
+            if t is not s.param:
+                t.grad = None
+        if self.trace is not None:
+            self.trace.append(("step", s.index, "device"))
+
+    def _clip(self, slots: list) -> torch.Tensor:
+        """clip_grad_norm_'s total norm and clamped coefficient, over this optimizer's gradients."""
+        norms = []
+        for s in slots:
+            if s.on_host:
+                norms.append(s.norm.result())
+            else:
+                norms.append(torch.linalg.vector_norm(s.param.grad, 2.0))
+        # get_total_norm over the per-parameter norms groups them by device and dtype exactly as
+        # clip_grad_norm_ groups the gradients (the norm of a 0-d norm is itself).
+        total = torch.nn.utils.get_total_norm(norms, 2.0)
+        self.last_grad_norm = total
+        coef = self.max_grad_norm / (total + 1e-6)
+        return torch.clamp(coef, max=1.0)
+
+    def _migrate_small_states(self) -> None:
+        """Only the largest states stay on host: after the first step, a parameter whose state came out
+        smaller than keep_small_params_on_device_bytes (a projected optimizer's) moves back."""
+        state = self.inner.state
+        for s in self._slots:
+            if not s.on_host:
+                continue
+            st = state.get(s.inner, {})
+            size = sum(_nbytes(v) for v in st.values() if isinstance(v, torch.Tensor))
+            if st and size < self.keep_small_bytes:
+                wait_cpu(s.h2d_event)
+                st.update(_move_state(st, self.device))
+                s.inner.data = s.param.data  # the inner optimizer now updates the parameter itself
+                s.on_host, s.gbuf, s.h2d_event = False, None, None
+                self.pool.forget_pinned(s.pinned_bytes)
+                if self.trace is not None:
+                    self.trace.append(("to_device_state", s.index, size))
+
+    # ------------------------------------------------------------------------------ grads
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for s in self._slots:
+            p = s.param
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
+    # ------------------------------------------------------------------------------ checkpoints
+    @property
+    def state(self):  # what memory reports and Trainer read: parameter -> its (host or device) state
+        return {s.param: self.inner.state[s.inner] for s in self._slots if s.inner in self.inner.state}
+
+    @state.setter
+    def state(self, value):  # Optimizer internals assign it; the inner optimizer owns the state
+        pass
+
+    def state_dict(self) -> dict:
+        self._wait_idle()
+        self._sync_groups()
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._wait_idle()
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
+            raise ValueError("optimizer state_dict does not match this optimizer's parameter groups "
+                             f"({[len(g['params']) for g in groups]} vs {[len(g['params']) for g in self.param_groups]})")
+        keep = self.inner.param_groups
+        self.inner.load_state_dict(state_dict)  # moves each state tensor to its parameter's device
+        for old, new in zip(keep, self.inner.param_groups):  # keep group identity (optimizers cache them)
+            old.update(new)
+        self.inner.param_groups = keep
+        for g, sg in zip(self.param_groups, keep):
+            g.update({k: v for k, v in sg.items() if k != "params"})
+        self._build_steppers()
+        if self.inner.state:  # placement as it was after the first step of the saved run
+            self._migrated = True
+            self._migrate_small_states()
+
+    def _wait_idle(self) -> None:
+        for s in self._slots:
+            if s.future is not None:
+                s.future.result()
+            wait_cpu(s.h2d_event)
+
+    # ------------------------------------------------------------------------------ misc
+    def host_bytes(self) -> int:
+        """Host bytes held: host copies of parameters, gradient buffers and host-side state."""
+        n = 0
+        for s in self._slots:
+            if s.on_host:
+                n += 2 * _nbytes(s.param)
+        if self.device.type != "cpu":
+            for st in self.inner.state.values():
+                n += sum(_nbytes(v) for v in st.values() if isinstance(v, torch.Tensor) and v.device.type == "cpu")
+        else:
+            for s in self._slots:
+                if s.on_host:
+                    n += sum(_nbytes(v) for v in self.inner.state.get(s.inner, {}).values() if isinstance(v, torch.Tensor))
+        return n
+
+    def placement(self) -> dict[int, str]:
+        """Parameter index (group order) -> "host" or "device": where its optimizer state lives."""
+        return {s.index: "host" if s.on_host else "device" for s in self._slots}
+
+    def add_param_group(self, param_group: dict) -> None:
+        raise NotImplementedError("add parameter groups to the optimizer before offloading it")
+
+    def trainer_callbacks(self) -> list:
+        """Callbacks for transformers.Trainer (see efft.offload.trainer)."""
+        from .trainer import OffloadTrainerCallback
+
+        return [OffloadTrainerCallback(self)]
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def close(self) -> None:
+        """Remove the gradient hooks and stop the worker threads."""
+        self.remove_hooks()
+        self._pool.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        on_host = sum(s.on_host for s in self._slots)
+        return f"OffloadOptimizer({type(self.inner).__name__}, {on_host}/{len(self._slots)} parameters with host state)"
+
+    def __getstate__(self):
+        raise TypeError("OffloadOptimizer is not picklable; save state_dict() instead")
+
+
+def offload_optimizer(optimizer: Optimizer, cfg: Any = None, **kw) -> OffloadOptimizer:
+    """Wrap an already-built optimizer (no step taken, or its state moves along); see OffloadOptimizer."""
+    return OffloadOptimizer.wrap(optimizer, cfg, **kw)
