@@ -124,6 +124,8 @@ class Int8TrainableLinear(nn.Module):
         self.register_buffer("sr_state", torch.tensor([int(seed), 0], dtype=torch.int64, device=device))
         self.weight = nn.Parameter(_carrier_data((out_features, in_features), device))
         self.weight._efft_int8_owner = weakref.ref(self)
+        self.weight.register_post_accumulate_grad_hook(_carrier_hook)
+        _ensure_step_hooks()
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self._materialized = False
 
@@ -279,6 +281,42 @@ def _post_step(opt, args, kwargs):
         layer.commit()
 
 
+# Layer-wise optimizers written without int8 in mind update a parameter in their own
+# post-accumulate-grad hook. Each carrier gets, at prepare time (so before theirs), a hook that
+# materializes the weight when some other hook is registered on it; the write-back happens when the
+# next carrier's hook runs (theirs has finished by then) or at the end of backward: at most two
+# layers are materialized at once. Carriers driven by Int8LayerwiseOptimizer skip this.
+_deferred: list = []
+_callback_queued = [False]
+
+
+def _flush_deferred() -> None:
+    while _deferred:
+        _deferred.pop().commit()
+
+
+def _end_of_backward() -> None:
+    _callback_queued[0] = False
+    _flush_deferred()
+
+
+def _carrier_hook(p: torch.Tensor) -> None:
+    if getattr(p, "_efft_int8_driven", False):
+        return
+    hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+    if not hooks or len(hooks) <= 1:
+        return
+    layer = _owner(p)
+    if layer is None:
+        return
+    _flush_deferred()
+    layer.materialize()
+    _deferred.append(layer)
+    if not _callback_queued[0]:
+        _callback_queued[0] = True
+        torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward)
+
+
 def _ensure_step_hooks() -> None:
     if not _hooks:
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -289,76 +327,84 @@ def _ensure_step_hooks() -> None:
 
 # ------------------------------------------------------------------------------------ layer-wise
 class Int8LayerwiseOptimizer(torch.optim.Optimizer):
-    """Updates each parameter inside backward, as soon as its gradient is complete.
+    """Layer-wise driver: updates each parameter inside backward, as soon as its gradient is complete.
 
-    ``optimizer_cls`` is any torch optimizer class (efft ``APOLLOAdamW``/``GaLoreAdamW``/``FRUGAL``,
-    ``torch.optim.AdamW``); one instance per parameter is built with that parameter's group options
-    (``rank``, ``scale``, ... pass through). An int8 carrier is materialized, updated, written back
-    with stochastic rounding and its gradient freed right in its post-accumulate-grad hook, so one
-    layer's float32 weight and gradient exist at a time.
+    Wraps an ordinary optimizer built over the parameters (efft ``APOLLOAdamW`` / ``GaLoreAdamW`` /
+    ``FRUGAL``, ``torch.optim.AdamW``, ...). In each parameter's post-accumulate-grad hook an int8
+    carrier is materialized, updated through the wrapped optimizer's per-parameter entry
+    ``update_param(p, grad, clip)`` (efft's optimizers; others: ``step()`` with every other gradient
+    hidden), written back with stochastic rounding, and its gradient freed: one layer's float32
+    weight and gradient exist at a time. ``param_groups`` and ``state`` are the wrapped optimizer's
+    own objects, so schedulers, state sums and checkpoints see the usual structures.
 
     Gradient accumulation: the update runs on every ``gradient_accumulation_steps``-th accumulation
-    of a parameter; ``step()`` applies any gradient still pending (a short last cycle) and is a
-    no-op otherwise. A scheduler steps this object's ``param_groups`` as usual; their ``lr`` (and
-    other hyper-parameters) are copied to the per-parameter optimizers before each update.
-    Clipping: ``max_grad_norm`` here clips each parameter's gradient norm separately (a global norm
-    does not exist yet when the first layer is updated); ``None`` disables it.
+    of a parameter (the loss is expected to be divided by that number, as Trainer does); ``step()``
+    applies any gradient still pending (a short last cycle) and is otherwise a no-op.
+    Clipping: ``max_grad_norm`` clips each parameter's gradient norm separately (the global norm does
+    not exist yet when the first layer is updated); ``None`` disables it.
     """
 
-    def __init__(self, params: Iterable, optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 gradient_accumulation_steps: int = 1, max_grad_norm: Optional[float] = None, **defaults):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, gradient_accumulation_steps: int = 1,
+                 max_grad_norm: Optional[float] = None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Int8LayerwiseOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if gradient_accumulation_steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-        if max_grad_norm is not None and max_grad_norm <= 0:
+        if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        super().__init__(params, defaults)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        super().__init__(params, dict(optimizer.defaults))
+        self.inner = optimizer
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
         self.accumulation = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
-        self.optimizer_cls = optimizer_cls
-        self._subs: list[torch.optim.Optimizer] = []
-        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group index, sub index)
-        self._counts: list[int] = []
-        self._handles = []
-        for gi, g in enumerate(self.param_groups):
-            opts = {k: v for k, v in g.items() if k != "params"}
-            for p in g["params"]:
-                if not p.requires_grad:
-                    continue
-                if id(p) in self._where:
-                    raise ValueError("a parameter appears twice in the optimizer's groups")
-                self._where[id(p)] = (gi, len(self._subs))
-                self._subs.append(optimizer_cls([{"params": [p], **opts}]))
-                self._counts.append(0)
-                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self._params = [p for p in params if p.requires_grad]
+        self._counts: dict[int, int] = {id(p): 0 for p in self._params}
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+        for p in self._params:
+            if is_int8_carrier(p):
+                p._efft_int8_driven = True
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        gi, si = self._where[id(p)]
-        self._counts[si] += 1
-        if self._counts[si] % self.accumulation == 0:
-            self._update(p, gi, si)
+        if p.grad is None:
+            return
+        self._counts[id(p)] += 1
+        if self._counts[id(p)] >= self.accumulation:
+            self._update(p)
 
     @torch.no_grad()
-    def _update(self, p: torch.Tensor, gi: int, si: int) -> None:
-        sub = self._subs[si]
-        group = self.param_groups[gi]
-        for k, v in group.items():
-            if k != "params":
-                sub.param_groups[0][k] = v
+    def _update(self, p: torch.Tensor) -> None:
+        clip = 1.0
         if self.max_grad_norm is not None:
-            norm = p.grad.float().norm()
-            if torch.isfinite(norm) and norm > self.max_grad_norm:
-                p.grad.mul_(self.max_grad_norm / (norm + 1e-6))
+            norm = float(p.grad.float().norm())
+            if math.isfinite(norm) and norm > self.max_grad_norm:
+                clip = self.max_grad_norm / (norm + 1e-6)
         layer = _owner(p)
         if layer is not None:
             layer.materialize()
         try:
-            sub.step()
+            if hasattr(self.inner, "update_param"):
+                self.inner.update_param(p, p.grad, clip)
+            else:
+                self._step_one(p, clip)
         finally:
             if layer is not None:
                 layer.commit()
         p.grad = None
-        self._counts[si] = 0
-        self.state[p] = sub.state[p]
+        self._counts[id(p)] = 0
+
+    def _step_one(self, p: torch.Tensor, clip: float) -> None:
+        hidden = [(q, q.grad) for q in self._params if q is not p and q.grad is not None]
+        for q, _ in hidden:
+            q.grad = None
+        if clip != 1.0:
+            p.grad.mul_(clip)
+        try:
+            self.inner.step()
+        finally:
+            for q, g in hidden:
+                q.grad = g
 
     def step(self, closure=None):
         """Applies gradients still pending (an accumulation cycle cut short); normally a no-op."""
@@ -366,44 +412,40 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None and id(p) in self._where:
-                    gi, si = self._where[id(p)]
-                    self._update(p, gi, si)
+        for p in self._params:
+            if p.grad is not None:
+                self._update(p)
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
-        for g in self.param_groups:
-            for p in g["params"]:
-                p.grad = None
-        self._counts = [0] * len(self._counts)
+        for p in self._params:
+            p.grad = None
+        self._counts = {k: 0 for k in self._counts}
 
     def state_dict(self) -> dict:
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(range(len(g["params"])))}
-                  for g in self.param_groups]
-        return {"state": {}, "param_groups": groups, "per_param": [s.state_dict() for s in self._subs],
-                "counts": list(self._counts)}
+        sd = self.inner.state_dict()
+        sd["int8_layerwise_counts"] = [self._counts[id(p)] for p in self._params]
+        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        subs = state_dict.get("per_param")
-        if subs is None or len(subs) != len(self._subs):
-            raise ValueError(f"Int8LayerwiseOptimizer.load_state_dict: expected {len(self._subs)} per-parameter "
-                             f"states, got {None if subs is None else len(subs)}")
-        for g, sg in zip(self.param_groups, state_dict["param_groups"]):
-            g.update({k: v for k, v in sg.items() if k != "params"})
-        for sub, sd in zip(self._subs, subs):
-            sub.load_state_dict(sd)
-        self._counts = list(state_dict.get("counts", [0] * len(self._subs)))
-        self.state.clear()
-        for sub in self._subs:
-            for p, st in sub.state.items():
-                self.state[p] = st
+        sd = dict(state_dict)
+        counts = sd.pop("int8_layerwise_counts", None)
+        self.inner.load_state_dict(sd)
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+        if counts is not None:
+            if len(counts) != len(self._params):
+                raise ValueError(f"Int8LayerwiseOptimizer.load_state_dict: {len(counts)} accumulation counters for "
+                                 f"{len(self._params)} parameters")
+            self._counts = {id(p): int(c) for p, c in zip(self._params, counts)}
 
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for p in self._params:
+            if is_int8_carrier(p):
+                p._efft_int8_driven = False
 
 
 # ---------------------------------------------------------------------------------------- prepare
@@ -464,7 +506,6 @@ def prepare_int8_training(model: nn.Module, quant_cfg: Any = None, *, embeddings
         for m in frozen:
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
-    _ensure_step_hooks()
     model._efft_int8_training = {"blocksize": blocksize, "compute_dtype": str(cd), "embeddings": embeddings,
                                  "rounding": rounding, "layers": len(linears)}
     return model
@@ -581,10 +622,6 @@ def load_int8_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 
     sd = load_file(str(path), device=str(next(iter(model.buffers())).device))
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = set()
-    for n, m in model.named_modules():
-        for pn, p in m.named_parameters(recurse=False):
-            tied.add(f"{n}.{pn}" if n else pn)
     missing = [k for k in missing if not _is_tied_copy(model, k, sd)]
     if missing or unexpected:
         raise ValueError(f"load_int8_checkpoint({path}): missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
