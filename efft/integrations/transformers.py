@@ -49,7 +49,7 @@ class EfftCallback(TrainerCallback):
         tokens = state.num_input_tokens_seen - self.tokens0
         if elapsed > 0 and tokens > 0:
             self.tokens_per_second = tokens / elapsed
-            logs["tokens_per_second"] = round(self.tokens_per_second, 1)
+            logs.setdefault("train_tokens_per_second", round(self.tokens_per_second, 1))
         peak = self.tracker.peak_bytes()
         if peak:
             logs["peak_mem_gb"] = round(peak / 2**30, 3)
@@ -169,8 +169,7 @@ def training_arguments(recipe, **overrides) -> TrainingArguments:
         data_seed=t.data_seed,
         bf16=t.bf16,
         fp16=t.fp16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **_checkpointing_args(t.gradient_checkpointing),
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -186,3 +185,11 @@ def training_arguments(recipe, **overrides) -> TrainingArguments:
     )
     kw.update(overrides)
     return TrainingArguments(**kw)
+
+
+def _checkpointing_args(enabled: bool) -> dict:
+    """transformers >= 5.x renamed gradient_checkpointing to activation_checkpointing; older keeps the old name."""
+    import dataclasses
+
+    name = "activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
