@@ -1,0 +1,187 @@
+"""Turn a model's Linear layers into QuantLinear: in place on a loaded model, or straight from a
+safetensors checkpoint one tensor at a time so the full-precision model never sits in memory.
+
+``config`` is duck-typed: ``efft.config.QuantConfig``, a dict, or any object with the attributes
+``type`` (none|nf4|fp4|int8), ``blocksize``, ``double_quant``, ``compute_dtype``, ``skip``,
+``outlier_threshold``, ``kernel``. (``trainable`` int8 weights are not handled here.)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .linear import KERNELS, QUANT_TYPES, QuantLinear, as_dtype
+
+
+@dataclass
+class QuantSpec:
+    """The quantization options this module reads from a config."""
+
+    type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+    skip: list = field(default_factory=lambda: ["lm_head"])
+    outlier_threshold: Optional[float] = None
+    kernel: str = "auto"
+
+    @classmethod
+    def of(cls, config=None, **overrides) -> "QuantSpec":
+        d = {}
+        if config is not None:
+            for k in cls.__dataclass_fields__:
+                v = config.get(k) if isinstance(config, dict) else getattr(config, k, None)
+                if v is not None:
+                    d[k] = v
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        spec = cls(**d)
+        if spec.type not in ("none",) + QUANT_TYPES:
+            raise ValueError(f"quant type must be one of none, nf4, fp4, int8; got {spec.type!r}")
+        if spec.kernel not in KERNELS:
+            raise ValueError(f"quant kernel must be one of {KERNELS}; got {spec.kernel!r}")
+        b = spec.blocksize
+        if not isinstance(b, int) or b < 32 or b > 4096 or b & (b - 1):
+            raise ValueError(f"quant blocksize must be a power of two in 32..4096; got {b!r}")
+        spec.compute_dtype = as_dtype(spec.compute_dtype, "quant compute_dtype")
+        if isinstance(spec.skip, str):
+            spec.skip = [spec.skip]
+        return spec
+
+    def layer_kwargs(self) -> dict:
+        return dict(quant_type=self.type, blocksize=self.blocksize, double_quant=self.double_quant,
+                    compute_dtype=self.compute_dtype,
+                    outlier_threshold=self.outlier_threshold if self.type == "int8" else None, kernel=self.kernel)
+
+
+def is_skipped(name: str, skip) -> bool:
+    """True when an entry of ``skip`` is a whole dotted run of ``name`` ("lm_head", "mlp", "layers.0")."""
+    padded = "." + name + "."
+    return any(("." + s.strip(".") + ".") in padded for s in skip if s)
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)) or type(m).__name__ == "Conv1D"
+
+
+def _targets(model: nn.Module, spec: QuantSpec):
+    return [(n, m) for n, m in model.named_modules() if n and _is_linear(m) and not is_skipped(n, spec.skip)]
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _mark(model: nn.Module, spec: QuantSpec) -> None:
+    model.efft_quant = {"type": spec.type, "blocksize": spec.blocksize, "double_quant": spec.double_quant,
+                        "compute_dtype": str(spec.compute_dtype).replace("torch.", ""), "skip": list(spec.skip)}
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config=None, **overrides) -> nn.Module:
+    """Replace every Linear (and transformers Conv1D) not matched by ``skip`` with a QuantLinear,
+    one layer at a time (each full-precision weight is freed as soon as it is quantized).
+
+    Returns the same model. ``type: none`` returns it untouched.
+    """
+    spec = QuantSpec.of(config, **overrides)
+    if spec.type == "none":
+        return model
+    kw = spec.layer_kwargs()
+    for name, lin in _targets(model, spec):
+        _set_child(model, name, QuantLinear.from_linear(lin, **kw))
+        del lin
+    _mark(model, spec)
+    return model
+
+
+def quantized_skeleton(model: nn.Module, config=None, dtype: Optional[torch.dtype] = None, **overrides) -> nn.Module:
+    """Swap the Linear layers of a (meta-device) model for empty QuantLinear layers on meta."""
+    spec = QuantSpec.of(config, **overrides)
+    kw = spec.layer_kwargs()
+    for name, lin in _targets(model, spec):
+        w = lin.weight
+        out_f, in_f = (w.shape[1], w.shape[0]) if type(lin).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
+        wdt = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        layer = QuantLinear(in_f, out_f, bias=getattr(lin, "bias", None) is not None, weight_dtype=wdt,
+                            device="meta", **kw)
+        layer.transposed_source = type(lin).__name__ == "Conv1D"  # checkpoint stores W as [in, out]
+        _set_child(model, name, layer)
+    _mark(model, spec)
+    return model
+
+
+def _checkpoint_files(path: str) -> list:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path} (expected model.safetensors or an index)")
+    return files
+
+
+@torch.no_grad()
+def quantize_from_checkpoint(path: str, config=None, dtype: torch.dtype = torch.float32, device="cpu",
+                             model_config=None, **overrides) -> nn.Module:
+    """Build a quantized transformers causal LM from a safetensors checkpoint directory, layer by layer.
+
+    The model is created on the meta device (no weights), its Linear layers become empty
+    QuantLinear layers, then each checkpoint tensor is read alone, moved to ``device``, cast to
+    ``dtype`` and either quantized into its layer or assigned as a parameter/buffer, and dropped.
+    Peak host memory is about the quantized model plus one full-precision tensor.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .io import QuantCheckpointError
+
+    spec = QuantSpec.of(config, **overrides)
+    cfg = model_config or AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are small and computed
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if spec.type != "none":
+        quantized_skeleton(model, spec, dtype=dtype)
+    quant_layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            # reopen per tensor: an open mapping would keep every page read so far resident
+            with safe_open(file, framework="pt") as f:
+                t = f.get_tensor(key)
+            owner, _, attr = key.rpartition(".")
+            if owner in quant_layers and attr == "weight":
+                layer = quant_layers[owner]
+                w = t.to(device=device, dtype=dtype)
+                del t
+                layer.quantize_weight_(w.t() if getattr(layer, "transposed_source", False) else w)
+                del w
+                continue
+            if key not in params:
+                continue  # e.g. rotary inv_freq saved by old versions: recomputed at init
+            mod = model.get_submodule(owner) if owner else model
+            cur = params[key]
+            if tuple(cur.shape) != tuple(t.shape):
+                raise QuantCheckpointError(f"{key}: expected shape {list(cur.shape)}, got {list(t.shape)}")
+            setattr(mod, attr, nn.Parameter(t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype),
+                                            requires_grad=cur.requires_grad))
+            del t
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    still += [n for n, m in quant_layers.items() if m.weight.device.type == "meta"]
+    if still:
+        raise QuantCheckpointError(f"{still[0]}: missing from the checkpoint in {path} "
+                                   f"({len(still)} tensors missing: {still[:5]})")
+    model.eval()
+    return model
