@@ -585,15 +585,15 @@ def export_full_precision(model: nn.Module, out_dir: str | Path, dtype: torch.dt
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / "model.safetensors"))
         return out_dir
-    cfg = getattr(model, "config", None)
-    old = getattr(cfg, "dtype", None) if cfg is not None else None
-    if cfg is not None:
-        cfg.dtype = dtype
-    try:
-        save(str(out_dir), state_dict=sd)
-    finally:
-        if cfg is not None:
-            cfg.dtype = old
+    save(str(out_dir), state_dict=sd)
+    # save_pretrained records the in-memory parameters' dtype (the float32 carriers); record the file's
+    cfg_file = out_dir / "config.json"
+    if cfg_file.is_file():
+        import json
+
+        cfg = json.loads(cfg_file.read_text())
+        cfg["dtype"] = str(dtype).replace("torch.", "")
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
