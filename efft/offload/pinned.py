@@ -48,7 +48,9 @@ def _pinning_possible() -> bool:
 
 
 class HostBufferPool:
-    """Exact-size free lists of 1-D uint8 host buffers; pinned up to ``max_pinned_bytes``.
+    """Exact-size free lists of 1-D uint8 host buffers; pooled (and pinned, when CUDA is present) up
+    to ``max_pinned_bytes``; beyond it, plain pageable buffers freed on release. Without CUDA the
+    pooled buffers are pageable, so CI runs the same pooling code.
 
     ``acquire``/``release`` serve transient buffers (offloaded activations, gradient staging);
     ``alloc_persistent`` serves long-lived ones (host copies of parameters), counted by their owner.
@@ -61,9 +63,10 @@ class HostBufferPool:
         self.name = name
         self.pin = bool(pin_memory) and _pinning_possible()
         self.max_pinned_bytes = int(max_pinned_bytes)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a handle's __del__ may release during an acquire
         self._free: dict[int, list] = {}  # nbytes -> [(buffer, event or None)]
-        self.pinned_bytes = 0  # pinned bytes allocated (in use + cached)
+        self.pinned_bytes = 0  # pooled bytes allocated (in use + cached), bounded by max_pinned_bytes
+        self._pooled: set[int] = set()  # data_ptr of pooled buffers
         self.in_use_bytes = 0  # bytes handed out and not yet released (+ live persistent)
         self.cached_bytes = 0  # bytes sitting in free lists
         self.peak_bytes = 0  # peak of in_use + cached
@@ -82,15 +85,16 @@ class HostBufferPool:
 
     # ------------------------------------------------------------------------------ allocation
     def _new(self, nbytes: int, what: str) -> tuple[torch.Tensor, bool]:
-        """A fresh buffer: pinned if allowed and within budget, else pageable."""
-        pinned = False
+        """A fresh buffer and whether it is pooled: within budget it is pooled and pinned if pinning
+        is possible (pageable if pinning fails); past the budget a pageable, unpooled one."""
+        pooled = self.pinned_bytes + nbytes <= self.max_pinned_bytes
         buf = None
-        if self.pin and self.pinned_bytes + nbytes <= self.max_pinned_bytes:
+        if pooled and self.pin:
             try:
                 buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-                pinned = True
             except RuntimeError as e:  # pinning refused (ulimit -l, driver); pageable still works
                 self.pin_failures += 1
+                pooled = False
                 if self.pin_failures == 1:
                     warnings.warn(f"efft offload: pinning a {format_bytes(nbytes)} host buffer failed ({e}); using pageable memory", stacklevel=3)
         if buf is None:
@@ -103,9 +107,10 @@ class HostBufferPool:
                     f"Offload less (raise offload.min_offload_bytes / keep_small_params_on_device_bytes) or add host RAM. ({e})"
                 ) from e
         self.allocations += 1
-        if pinned:
+        if pooled:
             self.pinned_bytes += nbytes
-        return buf, pinned
+            self._pooled.add(buf.data_ptr())
+        return buf, pooled
 
     def acquire(self, nbytes: int, what: str = "transient") -> torch.Tensor:
         """A 1-D uint8 host buffer of exactly ``nbytes`` (reused when one is free and its copy done)."""
@@ -120,27 +125,28 @@ class HostBufferPool:
                         self.in_use_bytes += nbytes
                         self._bump_peak()
                         return buf
-            buf, pinned = self._new(nbytes, what)
+            buf, _ = self._new(nbytes, what)
             self.in_use_bytes += nbytes
             self._bump_peak()
             return buf
 
     def release(self, buf: torch.Tensor, event: Optional[object] = None) -> None:
-        """Give a buffer back; pinned ones are cached (reused after ``event``), pageable ones freed."""
+        """Give a buffer back; pooled ones are cached (reused after ``event``), others freed."""
         nbytes = buf.numel()
         with self._lock:
             self.in_use_bytes -= nbytes
-            if buf.is_pinned():
+            if buf.data_ptr() in self._pooled:
                 self._free.setdefault(nbytes, []).append((buf, event))
                 self.cached_bytes += nbytes
 
     def alloc_persistent(self, like: torch.Tensor, what: str = "parameter") -> tuple[torch.Tensor, bool]:
-        """A contiguous host tensor shaped like ``like`` and whether it is pinned. Its owner counts its
-        bytes (see ``register_host_bytes_provider``) and calls ``forget_pinned`` when dropping it."""
+        """A contiguous host tensor shaped like ``like`` and whether it counts against the bound. Its
+        owner counts its bytes (``register_host_bytes_provider``) and calls ``forget_pinned`` on drop."""
         nbytes = like.numel() * like.element_size()
         with self._lock:
-            buf, pinned = self._new(max(nbytes, 1), what)
-        return buf[:nbytes].view(like.dtype).view(like.shape), pinned
+            buf, pooled = self._new(max(nbytes, 1), what)
+            self._pooled.discard(buf.data_ptr())  # never returns to the free lists
+        return buf[:nbytes].view(like.dtype).view(like.shape), pooled
 
     def forget_pinned(self, nbytes: int) -> None:
         """A persistent pinned tensor was dropped: its bytes no longer count against the bound."""
@@ -154,6 +160,9 @@ class HostBufferPool:
             for nbytes, lst in list(self._free.items()):
                 keep = [(b, e) for b, e in lst if e is not None and not e.query()]
                 n = len(lst) - len(keep)
+                for b, e in lst:
+                    if e is None or e.query():
+                        self._pooled.discard(b.data_ptr())
                 freed += n * nbytes
                 self.pinned_bytes -= n * nbytes
                 self.cached_bytes -= n * nbytes
