@@ -174,6 +174,13 @@ def encode_text(tokenizer, text: str) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
+def _field(ex: dict, name: str) -> str:
+    value = ex[name]
+    if value is None:
+        raise ValueError(f"data: field {name!r} is empty in an example ({ {k: v for k, v in ex.items() if v is not None} })")
+    return str(value)
+
+
 def _encoder(fmt: str, cfg, tokenizer):
     max_len, top = cfg.max_seq_length, bool(getattr(cfg, "train_on_prompt", False))
     inp_field = getattr(cfg, "input_field", None)
@@ -186,9 +193,9 @@ def _encoder(fmt: str, cfg, tokenizer):
             out = encode_chat(tokenizer, msgs, top)
         elif fmt == "instruction":
             inp = ex.get(inp_field) if inp_field else None
-            out = encode_instruction(tokenizer, str(ex[cfg.prompt_field]), str(inp) if inp else None, str(ex[cfg.response_field]), top)
+            out = encode_instruction(tokenizer, _field(ex, cfg.prompt_field), str(inp) if inp else None, _field(ex, cfg.response_field), top)
         else:
-            out = encode_text(tokenizer, str(ex[cfg.text_field]))
+            out = encode_text(tokenizer, _field(ex, cfg.text_field))
         return {"input_ids": out["input_ids"][:max_len], "labels": out["labels"][:max_len]}
 
     return encode
@@ -231,15 +238,18 @@ def load_dataset_from_config(cfg, tokenizer, *, seed: int | None = None):
     Examples left without any labelled token (a prompt longer than ``max_seq_length``) are dropped.
     """
     ds = read_dataset(cfg.path)
+    # datasets writes map/shuffle caches beside a save_to_disk dataset: keep them in memory instead
+    # of writing into the user's directory (files are cached in datasets' own cache as usual).
+    mem = Path(cfg.path).expanduser().is_dir()
     fmt = detect_format(ds.column_names, cfg)
     shuffle_seed = getattr(cfg, "shuffle_seed", None)
     seed = shuffle_seed if shuffle_seed is not None else (seed if seed is not None else 0)
-    ds = ds.shuffle(seed=seed)
+    ds = ds.shuffle(seed=seed, keep_in_memory=mem)
     if getattr(cfg, "max_examples", None):
-        ds = ds.select(range(min(cfg.max_examples, len(ds))))
+        ds = ds.select(range(min(cfg.max_examples, len(ds))), keep_in_memory=mem)
     n_read = len(ds)
-    ds = ds.map(_encoder(fmt, cfg, tokenizer), remove_columns=ds.column_names, desc=f"tokenizing ({fmt})")
-    ds = ds.filter(lambda ex: any(l != IGNORE_INDEX for l in ex["labels"]), desc="dropping unlabelled")
+    ds = ds.map(_encoder(fmt, cfg, tokenizer), remove_columns=ds.column_names, desc=f"tokenizing ({fmt})", keep_in_memory=mem)
+    ds = ds.filter(lambda ex: any(l != IGNORE_INDEX for l in ex["labels"]), desc="dropping unlabelled", keep_in_memory=mem)
     if len(ds) < n_read:
         log.warning("data: dropped %d of %d examples with no labelled token within max_seq_length=%d",
                     n_read - len(ds), n_read, cfg.max_seq_length)
@@ -250,13 +260,14 @@ def load_dataset_from_config(cfg, tokenizer, *, seed: int | None = None):
     if frac > 0:
         if len(ds) < 2:
             raise ValueError(f"data.eval_fraction={frac} needs at least 2 examples, got {len(ds)}")
-        split = ds.train_test_split(test_size=frac, seed=seed, shuffle=False)
+        split = ds.train_test_split(test_size=frac, seed=seed, shuffle=False, keep_in_memory=mem)
         ds, eval_ds = split["train"], split["test"]
     if getattr(cfg, "packing", False):
         pack = lambda b: pack_examples(b, cfg.max_seq_length)  # noqa: E731
-        ds = ds.map(pack, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="packing")
+        ds = ds.map(pack, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="packing", keep_in_memory=mem)
         if eval_ds is not None:
-            eval_ds = eval_ds.map(pack, batched=True, batch_size=1000, remove_columns=eval_ds.column_names, desc="packing")
+            eval_ds = eval_ds.map(pack, batched=True, batch_size=1000, remove_columns=eval_ds.column_names,
+                                  desc="packing", keep_in_memory=mem)
     return ds, eval_ds
 
 
