@@ -479,6 +479,14 @@ def prepare_int8_training(model: nn.Module, quant_cfg: Any = None, *, embeddings
         raise ValueError(f"embeddings must be one of {EMBEDDING_MODES}, got {embeddings!r}{extra}")
     if any(isinstance(m, Int8TrainableLinear) for m in model.modules()):
         raise ValueError("prepare_int8_training: the model already has int8 trainable layers")
+    adapters = [n for n, m in model.named_modules() if hasattr(m, "lora_A") or type(m).__name__.startswith("Lora")]
+    if adapters:
+        raise ValueError(f"prepare_int8_training: the model carries LoRA adapters ({adapters[0]}, ...): train the int8 "
+                         "weights or an adapter, not both; load the model without the adapter (or merge it first)")
+    frozen_q = [n for n, m in model.named_modules() if type(m).__name__ in ("QuantLinear", "Linear4bit", "Linear8bitLt")]
+    if frozen_q:
+        raise ValueError(f"prepare_int8_training: {frozen_q[0]} is already a frozen quantized layer "
+                         f"({type(model.get_submodule(frozen_q[0])).__name__}); start from the full-precision model")
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
     if not linears:
         raise ValueError(f"prepare_int8_training: no nn.Linear left to convert (skip={skip})")
