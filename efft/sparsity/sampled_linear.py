@@ -1,0 +1,213 @@
+"""WTA-CRS sampled-activation linear: the weight gradient from a sampled subset of input rows.
+
+For y = x W^T the weight gradient is dW = sum_i dy_i^T x_i over the R rows (tokens) of the batch,
+and plain autograd keeps all of x for it. Winner-take-all column-row sampling (Liu et al. 2023)
+keeps k = keep * R rows: the ``deterministic_fraction`` share of k with the largest sampling weight
+p_i exactly, and the rest drawn with replacement from the remaining rows with probability
+q_j = p_j / P_rest, each drawn row scaled by 1 / (s q_j) (s draws). The estimate is unbiased,
+E[dW_hat] = dW, for any positive p; its variance is smallest when p_i ~ ||x_i|| ||dy_i||.
+||dy_i|| is unknown in forward, so each layer keeps a per-position gradient-norm proxy from its
+previous backward (the last micro-batch, averaged over the batch; no dataset-index cache), and the
+first step uses ||x_i|| alone.
+
+Only the kept rows of x (and their indices and scales) are saved for backward; the input gradient
+dx = dy W and the bias gradient are exact. Layers that share an input (q/k/v, gate/up) share one
+sample, so the kept rows are stored once, as autograd stores the shared input once.
+
+Applies to every ``nn.Linear`` whose weight trains: plain layers, peft LoRA's ``lora_A``/``lora_B``
+(the layers that keep the input of a LoRA-wrapped base, frozen or quantized, for their gradients).
+A frozen layer (nn.Linear or efft's QuantLinear base) keeps no input for a weight gradient, so
+there is nothing to sample there and it is left as is. Uses ``efft.ops.sparse_weight_grad`` for
+the sampled product (Triton on CUDA, its torch reference otherwise).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sample_rows(weights: torch.Tensor, k: int, n_det: int, generator: Optional[torch.Generator] = None):
+    """WTA-CRS row sample: ``(idx [k], scale [k])`` such that sum_t scale_t * f(idx_t) is an
+    unbiased estimate of sum_i f(i) for any f.
+
+    The ``n_det`` rows with the largest ``weights`` are kept with scale 1; ``k - n_det`` rows are
+    drawn with replacement from the others with probability q_j = w_j / sum(rest) and scale
+    1 / ((k - n_det) q_j). Weights are floored at a small positive value so no row is impossible.
+    """
+    r = weights.numel()
+    w = weights.float().clamp_min(0)
+    w = w + (w.mean() * 1e-4 + 1e-30)
+    n_det = min(n_det, k, r)
+    s = k - n_det
+    if n_det:
+        det = torch.topk(w, n_det, sorted=False).indices
+    else:
+        det = torch.empty(0, dtype=torch.long, device=w.device)
+    if s <= 0 or n_det >= r:
+        return det, torch.ones(det.numel(), device=w.device, dtype=torch.float32)
+    rest = w.clone()
+    rest[det] = 0
+    mass = rest.sum()
+    drawn = torch.multinomial(rest / mass, s, replacement=True, generator=generator)
+    scale = mass / (s * rest[drawn])
+    return torch.cat([det, drawn]), torch.cat([torch.ones(n_det, device=w.device), scale])
+
+
+def uniform_rows(r: int, k: int, device=None, generator: Optional[torch.Generator] = None):
+    """Plain column-row sampling with uniform probabilities (the baseline): k draws, scale r / k."""
+    idx = torch.randint(0, r, (k,), device=device, generator=generator)
+    return idx, torch.full((k,), r / k, device=device)
+
+
+def _weight_grad(gy2, x_kept, idx, scale, dtype):
+    d = gy2.index_select(0, idx)
+    try:
+        from efft.ops import sparse_weight_grad
+    except ImportError:  # ops not present: plain torch
+        return ((d.float() * scale[:, None]).to(d.dtype).t() @ x_kept.to(d.dtype)).to(dtype)
+    ar = torch.arange(idx.numel(), device=idx.device)
+    return sparse_weight_grad(d, x_kept, ar, row_scale=scale, out_dtype=dtype)
+
+
+class SampledLinearFn(torch.autograd.Function):
+    """y = x W^T + b; backward: exact dx and db, WTA-CRS dW from the saved rows ``x_kept``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_kept, idx, scale, state):
+        y = F.linear(x, weight, bias)
+        ctx.save_for_backward(weight if ctx.needs_input_grad[0] else None, x_kept, idx, scale)
+        ctx.state = state
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        weight, x_kept, idx, scale = ctx.saved_tensors
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = (gy.to(weight.dtype) @ weight).to(gy.dtype) if weight is not None else None
+        gw = _weight_grad(gy2, x_kept, idx, scale, ctx.state.weight_dtype) if ctx.needs_input_grad[1] else None
+        gb = gy2.sum(0) if ctx.needs_input_grad[2] else None
+        if ctx.state is not None:
+            ctx.state.observe(gy2, ctx.x_shape)
+        return gx, gw, gb, None, None, None, None
+
+
+class _LayerState:
+    """Per-layer proxy of ||dy|| by position (from the last backward) and the shared-sample cache."""
+
+    def __init__(self, module: nn.Module, keep: float, n_det_fraction: float, shared: "SharedSamples"):
+        self.keep, self.det_fraction, self.shared = keep, n_det_fraction, shared
+        self.proxy: Optional[torch.Tensor] = None
+        self.weight_dtype = module.weight.dtype
+
+    def observe(self, gy2: torch.Tensor, x_shape) -> None:
+        seq = x_shape[-2] if len(x_shape) >= 3 else gy2.shape[0]
+        norms = gy2.float().norm(dim=1).reshape(-1, seq).mean(0).detach()
+        if self.proxy is not None and self.proxy.shape == norms.shape:
+            norms = 0.5 * (self.proxy + norms)
+        self.proxy = norms
+
+    def weights(self, x2: torch.Tensor, seq: int) -> torch.Tensor:
+        w = x2.float().norm(dim=1)
+        if self.proxy is not None and self.proxy.numel() == seq and self.proxy.device == w.device:
+            w = (w.view(-1, seq) * self.proxy[None, :]).reshape(-1)
+        return w
+
+
+class SharedSamples:
+    """One sample per input tensor per forward, so layers reading the same x store its rows once."""
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def get(self, x: torch.Tensor, state: _LayerState):
+        key = (x.data_ptr(), x._version, tuple(x.shape), x.dtype, state.keep, state.det_fraction)
+        hit = self._cache.get(key)
+        # reuse only for another layer in the same pass; a layer seeing the same x again is a new pass
+        if hit is not None and hit[0]() is x and id(state) not in hit[2]:
+            hit[2].add(id(state))
+            return hit[1]
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        seq = x.shape[-2] if x.dim() >= 3 else x2.shape[0]
+        r = x2.shape[0]
+        k = max(1, int(round(state.keep * r)))
+        with torch.no_grad():
+            idx, scale = sample_rows(state.weights(x2, seq), k, int(round(state.det_fraction * k)))
+            kept = x2.index_select(0, idx)
+        out = (kept, idx, scale)
+        self._cache[key] = (weakref.ref(x), out, {id(state)})
+        return out
+
+
+def _sampled_forward(module: nn.Linear, state: _LayerState):
+    orig = module.forward
+
+    def forward(x):
+        if not (torch.is_grad_enabled() and module.weight.requires_grad and module.training):
+            return orig(x)
+        kept, idx, scale = state.shared.get(x, state)
+        return SampledLinearFn.apply(x, module.weight, module.bias, kept, idx, scale, state)
+
+    return forward
+
+
+def _name_matches(name: str, targets) -> bool:
+    if targets == "all-linear":
+        return True
+    parts = name.split(".")
+    return any(t in parts or name.endswith(t) for t in targets)
+
+
+def apply_sampled_linear(model: nn.Module, keep: float = 0.3, deterministic_fraction: float = 0.5,
+                         target_modules: Union[str, Iterable[str]] = "all-linear") -> nn.Module:
+    """Make the weight gradients of the model's trainable ``nn.Linear`` layers WTA-CRS estimates.
+
+    ``target_modules``: "all-linear" (all but the output embedding) or names; a LoRA's inner
+    ``lora_A``/``lora_B`` match their wrapped layer's name. Returns the model; raises ValueError on
+    a bad ``keep``/``deterministic_fraction`` or when nothing trainable matches.
+    """
+    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+        raise ValueError(f"sparsity.sampled_linear.keep must be in (0, 1], got {keep!r}")
+    if not (isinstance(deterministic_fraction, (int, float)) and 0 <= deterministic_fraction <= 1):
+        raise ValueError(f"sparsity.sampled_linear.deterministic_fraction must be in [0, 1], got {deterministic_fraction!r}")
+    if target_modules != "all-linear":
+        target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    head = None
+    try:
+        from .loss_tokens import _unwrap
+
+        lm = _unwrap(model)
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    except Exception:  # not a transformers model: no head to exclude
+        head = None
+    shared = getattr(model, "_efft_sampled_shared", None) or SharedSamples()
+    done = []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear or m is head or hasattr(m, "_efft_sampled") or not _name_matches(name, target_modules):
+            continue
+        if not m.weight.requires_grad:
+            continue  # frozen: autograd keeps no input for a weight gradient here
+        state = _LayerState(m, float(keep), float(deterministic_fraction), shared)
+        m._efft_sampled = state
+        m.forward = _sampled_forward(m, state)
+        done.append(name)
+    if not done:
+        raise ValueError(f"sparsity.sampled_linear: no trainable nn.Linear matches target_modules={target_modules!r} "
+                         "(apply it after the adapter, or to a model whose linear weights train)")
+    if not hasattr(model, "_efft_sampled_shared"):
+        model._efft_sampled_shared = shared
+        # a sample lives for one forward; autograd keeps what backward needs
+        model.register_forward_pre_hook(lambda mod, args: shared.clear())
+        model.register_forward_hook(lambda mod, args, out: shared.clear())
+    return model
+
+
+def sampled_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if hasattr(m, "_efft_sampled")}

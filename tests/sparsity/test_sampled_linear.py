@@ -1,0 +1,167 @@
+"""WTA-CRS: unbiasedness (statistical), variance vs uniform column-row sampling, saved bytes, wiring.
+
+The statistical bound: with T independent estimates G_t of the exact G, the mean's error per
+element has variance var_e / T, so Z = sum_e (mean_e - G_e)^2 / sum_e (var_e / T) is about 1 for
+an unbiased estimator (its expectation is 1; with 512 elements it concentrates) and grows like T
+for a biased one. The test requires Z < 3 and every element within 6 standard errors, and checks
+that the same statistic flags an estimator that leaves out the reweighting (so the test can fail).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from efft.sparsity.sampled_linear import apply_sampled_linear, sample_rows, sampled_modules, uniform_rows
+from efft.sparsity.saved_bytes import SavedTensorBytes
+from tests.tiny import tiny_batch, tiny_model
+
+R, IN, OUT, T = 256, 32, 16, 1500
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # heavy-tailed row norms, as activations and per-token gradients are in practice
+    x = torch.randn(R, IN, generator=g) * torch.exp(torch.randn(R, 1, generator=g))
+    dy = torch.randn(R, OUT, generator=g) * torch.exp(torch.randn(R, 1, generator=g))
+    return x, dy
+
+
+def _estimates(x, dy, sampler, trials=T):
+    out = torch.empty(trials, OUT, IN, dtype=torch.float64)
+    for t in range(trials):
+        idx, scale = sampler()
+        out[t] = ((dy[idx] * scale[:, None]).t() @ x[idx]).double()
+    return out
+
+
+def _z(est, exact):
+    mean, var = est.mean(0), est.var(0)
+    se2 = var / est.shape[0]
+    z = float(((mean - exact) ** 2).sum() / se2.sum())
+    worst = float(((mean - exact).abs() / se2.clamp_min(1e-30).sqrt()).max())
+    return z, worst
+
+
+def test_mean_of_sampled_gradients_converges_to_exact():
+    torch.manual_seed(0)
+    x, dy = _problem()
+    exact = (dy.t() @ x).double()
+    w = x.norm(dim=1) * dy.norm(dim=1)
+    k = int(0.3 * R)
+    est = _estimates(x, dy, lambda: sample_rows(w, k, k // 2))
+    z, worst = _z(est, exact)
+    print(f"WTA-CRS: Z={z:.2f} worst element {worst:.1f} standard errors")
+    assert z < 3 and worst < 6
+
+    # negative control: drop the 1/(s q) reweighting of the drawn rows -> biased, and the test sees it
+    def biased():
+        idx, scale = sample_rows(w, k, k // 2)
+        return idx, torch.where(scale == 1, scale, torch.full_like(scale, (R - k // 2) / (k - k // 2)))
+
+    zb, _ = _z(_estimates(x, dy, biased, trials=400), exact)
+    assert zb > 20
+
+
+def test_variance_below_uniform_column_row_sampling():
+    torch.manual_seed(1)
+    x, dy = _problem(seed=1)
+    exact = (dy.t() @ x).double()
+    k = int(0.3 * R)
+    mse = lambda est: float(((est - exact) ** 2).sum(dim=(1, 2)).mean())  # noqa: E731
+    uni = mse(_estimates(x, dy, lambda: uniform_rows(R, k), trials=400))
+    wta = mse(_estimates(x, dy, lambda: sample_rows(x.norm(dim=1) * dy.norm(dim=1), k, k // 2), trials=400))
+    # the proxy a layer really has: gradient norms of the previous micro-batch (correlated, not equal)
+    _, dy_prev = _problem(seed=2)
+    dy_prev = 0.5 * dy_prev.norm(dim=1, keepdim=True) + 0.5 * dy.norm(dim=1, keepdim=True)
+    prev = mse(_estimates(x, dy, lambda: sample_rows(x.norm(dim=1) * dy_prev[:, 0], k, k // 2), trials=400))
+    print(f"E||G_hat - G||^2: uniform {uni:.3g}, WTA-CRS exact norms {wta:.3g}, previous-batch proxy {prev:.3g}")
+    assert wta < 0.5 * uni
+    assert prev < uni
+
+
+def test_module_gradients_unbiased_and_input_grad_exact():
+    torch.manual_seed(0)
+    ref = nn.Linear(IN, OUT)
+    lin = apply_sampled_linear(nn.Sequential(copy.deepcopy(ref)), keep=0.3)[0]
+    x, dy = _problem(seed=3)
+    x = x.view(4, R // 4, IN).requires_grad_(True)
+    dy = dy.view(4, R // 4, OUT)
+    y = ref(x)
+    y.backward(dy)
+    gx, gw, gb = x.grad.clone(), ref.weight.grad.clone(), ref.bias.grad.clone()
+    grads = []
+    for _ in range(400):
+        x.grad = None
+        lin.weight.grad = None
+        lin.bias.grad = None
+        out = lin(x)
+        torch.testing.assert_close(out, y)
+        out.backward(dy)
+        torch.testing.assert_close(x.grad, gx)
+        torch.testing.assert_close(lin.bias.grad, gb)
+        grads.append(lin.weight.grad.clone())
+    z, worst = _z(torch.stack(grads).double(), gw.double())
+    assert z < 3 and worst < 6
+    assert lin._efft_sampled.proxy is not None and lin._efft_sampled.proxy.shape == (R // 4,)
+
+
+class _LinearBytes:
+    """Bytes saved for backward inside the decoder's nn.Linear forwards (storage-deduplicated); the
+    LM head is left out (sampling does not apply to it; loss-token skipping handles it)."""
+
+    def __init__(self, model):
+        self.counter = SavedTensorBytes(params=model.parameters())
+        self.handles = []
+        head = model.get_output_embeddings()
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m is not head:
+                self.handles.append(m.register_forward_pre_hook(self._enter))
+                self.handles.append(m.register_forward_hook(self._exit))
+
+    def _enter(self, *args):
+        self.counter.__enter__()
+
+    def _exit(self, *args):
+        self.counter.__exit__(None, None, None)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_saved_activation_bytes_of_linears_at_keep_03():
+    dense = tiny_model("llama", hidden=64)
+    sparse = apply_sampled_linear(copy.deepcopy(dense), keep=0.3)
+    batch = tiny_batch(batch=2, seq=128)
+    sizes = []
+    for model in (dense, sparse):
+        meter = _LinearBytes(model)
+        model(**batch).loss.backward()
+        meter.close()
+        sizes.append(meter.counter.bytes)
+    print(f"linear saved bytes: dense {sizes[0]} sampled {sizes[1]} ratio {sizes[0] / sizes[1]:.2f}x")
+    assert sizes[1] * 2.5 <= sizes[0]
+
+
+def test_peft_lora_layers_sampled_base_left_alone():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    apply_sampled_linear(model, keep=0.5, target_modules=["q_proj", "v_proj"])
+    names = sampled_modules(model)
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    model.train()
+    model(**tiny_batch(seq=16)).loss.backward()
+    assert all(m.weight.grad is not None for m in names.values())
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="keep"):
+        apply_sampled_linear(tiny_model("llama"), keep=0.0)
+    with pytest.raises(ValueError, match="keep"):
+        apply_sampled_linear(tiny_model("llama"), keep=1.2)
+    with pytest.raises(ValueError, match="deterministic_fraction"):
+        apply_sampled_linear(tiny_model("llama"), deterministic_fraction=-0.1)
+    frozen = tiny_model("llama").requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable nn.Linear"):
+        apply_sampled_linear(frozen)
