@@ -134,8 +134,10 @@ class ActivationOffload:
 
     # ------------------------------------------------------------------------------ hooks
     def _checkpointing(self) -> bool:
-        return bool(getattr(self.model, "is_gradient_checkpointing", False)) or any(
-            getattr(layer, "gradient_checkpointing", False) for layer in self.layers)
+        flags = [getattr(layer, "gradient_checkpointing", None) for layer in self.layers]
+        if any(f is not None for f in flags):  # transformers' GradientCheckpointingLayer
+            return any(bool(f) for f in flags)
+        return bool(getattr(self.model, "is_gradient_checkpointing", False))
 
     def _stack_pre(self, module, args, kwargs):
         if self._ctx is not None or not (module.training and torch.is_grad_enabled()):

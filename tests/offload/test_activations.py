@@ -1,0 +1,140 @@
+"""Activation offload on CPU: bitwise-equal training with and without it, what was offloaded (and
+what never is), prefetch ahead of backward, and its switches."""
+from collections import Counter
+
+import pytest
+import torch
+
+from efft.offload.activations import enable_activation_offload, find_decoder_layers
+from tests.offload.helpers import batches, cfg, model, same_params, train
+
+LAYERS = 3
+
+
+def run(c=None, gc=None, steps=2, seq=16):
+    m = model(layers=LAYERS)
+    if gc is not None:
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": gc})
+    h = enable_activation_offload(m, c, trace=True) if c is not None else None
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    train(m, opt, steps, seq=seq)
+    return m, h
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return run()[0]
+
+
+@pytest.fixture(scope="module")
+def plain_gc():
+    return run(gc=False)[0]
+
+
+def test_all_mode_bitwise_and_trace(plain):
+    m, h = run(cfg(activation_mode="all"))
+    assert same_params(plain, m)
+    t = h.trace
+    offloaded = Counter(e[1] for e in t if e[0] == "offload")
+    assert set(offloaded) == set(range(LAYERS - 1))  # every layer but the last
+    assert ("keep", LAYERS - 1, "last layer") in t
+    assert ("keep", 0, "parameter") in t  # weights are saved by reference, never copied
+    assert all(e[1] is None for e in t if e[0] == "keep" and e[2] == "outside layers")
+    # Each offloaded tensor came back exactly once, all ahead of need (prefetch_layers=1).
+    assert h.stats["offloaded"] == h.stats["prefetched"] > 0 and h.stats["fetched"] == 0
+    assert h.pool.in_use_bytes == 0  # every host buffer went back to the pool
+
+
+def test_prefetch_order_is_ahead_of_backward():
+    m = model(layers=LAYERS)
+    h = enable_activation_offload(m, cfg(prefetch_layers=1), trace=True)
+    m(**batches(0)[0]).loss.backward()
+    events = [e for e in h.trace if e[0] in ("offload", "prefetch", "fetch")]
+    back = [e for e in events if e[0] != "offload"]
+    # The top offloaded layer is fetched first; every fetch is a prefetch started by the layer above
+    # (or by its own first tensor), never a blocking fetch.
+    assert back[0][1] == LAYERS - 2 and all(e[0] == "prefetch" for e in back)
+    assert [e[1] for e in back] == sorted((e[1] for e in back), reverse=True)
+
+
+def test_no_prefetch_fetches_on_demand(plain):
+    m, h = run(cfg(prefetch_layers=0))
+    assert same_params(plain, m)
+    assert h.stats["prefetched"] == 0 and h.stats["fetched"] == h.stats["offloaded"] > 0
+
+
+def test_min_offload_bytes_keeps_small_tensors(plain):
+    m, h = run(cfg(min_offload_bytes=8 * 1024))
+    assert same_params(plain, m)
+    sizes = [e[2] for e in h.trace if e[0] == "offload"]
+    assert sizes and min(sizes) >= 8 * 1024
+    assert any(e[2] == "small" for e in h.trace if e[0] == "keep")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("mode", ["all", "checkpoint_inputs"])
+def test_with_gradient_checkpointing(mode, reentrant, plain_gc):
+    m, h = run(cfg(activation_mode=mode), gc=reentrant)
+    assert same_params(plain_gc, m)
+    # Checkpointing keeps only each layer's input; that is what went to host, one per layer and step.
+    per_layer = Counter(e[1] for e in h.trace if e[0] == "offload")
+    assert per_layer == {i: 2 for i in range(LAYERS - 1)}
+    sizes = {e[2] for e in h.trace if e[0] == "offload"}
+    assert sizes == {2 * 16 * 64 * 4}  # batch x seq x hidden fp32
+
+
+def test_checkpoint_inputs_mode_without_checkpointing_raises():
+    m = model(layers=LAYERS)
+    with pytest.raises(ValueError, match="needs gradient checkpointing"):
+        enable_activation_offload(m, cfg(activation_mode="checkpoint_inputs"))
+        m(**batches(0)[0])
+
+
+def test_switches_off_below_min_seq_length(plain):
+    m, h = run(cfg(min_seq_length=17))  # batches have 16 tokens
+    assert same_params(plain, m)
+    assert h.stats["offloaded"] == 0 and h.stats["forwards_skipped"] == 2 and h.trace == []
+    m2 = model(layers=LAYERS)
+    h2 = enable_activation_offload(m2, cfg(min_seq_length=16), trace=True)
+    m2(**batches(0)[0]).loss.backward()
+    assert h2.stats["offloaded"] > 0
+
+
+def test_eval_and_no_grad_do_nothing():
+    m = model(layers=LAYERS)
+    h = enable_activation_offload(m, cfg(), trace=True)
+    with torch.no_grad():
+        m(**batches(0)[0])
+    m.eval()
+    m(**batches(0)[0])
+    assert h.trace == []
+
+
+def test_remove_restores_plain_behaviour(plain):
+    m = model(layers=LAYERS)
+    h = enable_activation_offload(m, cfg(), trace=True)
+    h.remove()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    train(m, opt, 2)
+    assert h.trace == [] and same_params(plain, m)
+
+
+def test_forward_error_leaves_no_hooks_behind():
+    m = model(layers=LAYERS)
+    h = enable_activation_offload(m, cfg(), trace=True)
+    with pytest.raises(Exception):
+        m(input_ids=torch.full((1, 4), 10_000))  # out of vocabulary: the embedding raises
+    assert h._ctx is None
+    m(**batches(0)[0]).loss.backward()  # a later step works
+    assert h.stats["offloaded"] > 0
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="activation_mode"):
+        enable_activation_offload(model(), cfg(activation_mode="some"))
+    with pytest.raises(ValueError, match="no list of decoder layers"):
+        enable_activation_offload(torch.nn.Linear(2, 2), cfg())
+    with pytest.raises(ValueError, match="at least 2 decoder layers"):
+        enable_activation_offload(model(layers=1), cfg())
+    stack, layers = find_decoder_layers(model())
+    assert type(stack).__name__ == "LlamaModel" and len(layers) == 2
