@@ -1,0 +1,96 @@
+"""APOLLO (Zhu et al. 2024): Adam moments on a random projection of the gradient, used only to
+learn a per-channel (or, for APOLLO-Mini, per-tensor) scale of the *full-rank* gradient.
+
+The Gaussian projection N(0, 1/r) is regenerated from an integer seed at every step (apollo-torch
+keeps it in the state; here nothing but the moments is stored, and every DDP rank regenerates the
+same matrix). Seeds follow apollo-torch (parameter position, advanced at each refresh), so results
+match it. The scaled gradient is multiplied by sqrt(scale) and its norm growth between steps is
+capped at ``norm_growth_limit`` (Fira's limiter). The scale, the limiter, sqrt(scale) and the
+learning rate are folded into one vector so the full-size update is a single ``addcmul_``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import ProjectedOptimizer
+from .projectors import choose_side, gaussian_basis, mix_seed, next_seed, project, refresh_due, svd_basis
+
+SCALE_TYPES = ("channel", "tensor")
+PROJS = ("random", "svd")
+
+
+class APOLLOAdamW(ProjectedOptimizer):
+    """APOLLO; APOLLO-Mini is ``rank=1, scale_type="tensor"`` (scale 128). apollo-torch group keys
+    (``rank``, ``proj``, ``scale_type``, ``update_proj_gap``, ``scale``, ``proj_type``) work."""
+
+    lowrank_defaults = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "proj": "random", "scale_type": "channel"}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
+                 norm_growth_limit: float | None = 1.01, scale_front: bool = False, seed: int = 0,
+                 stagger_refresh: bool = False, state_bits: int = 32):
+        if norm_growth_limit is not None and not norm_growth_limit > 1.0:
+            raise ValueError(f"norm_growth_limit must be > 1 or None, got {norm_growth_limit!r}")
+        self.norm_growth_limit = norm_growth_limit
+        del scale_front  # apollo-torch's flag; both placements give the same product here
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, seed=seed,
+                         stagger_refresh=stagger_refresh, state_bits=state_bits)
+
+    def _check_lowrank_group(self, group):
+        super()._check_lowrank_group(group)
+        if group["scale_type"] not in SCALE_TYPES:
+            raise ValueError(f"scale_type must be one of {SCALE_TYPES}, got {group['scale_type']!r}")
+        if group["proj"] not in PROJS:
+            raise ValueError(f"proj must be one of {PROJS}, got {group['proj']!r}")
+
+    def needs_full_grad(self, p: torch.Tensor) -> bool:
+        return True  # the update scales the full-rank gradient itself
+
+    def _basis(self, p, grad, group, state, side, rank) -> torch.Tensor:
+        step = state.get("step", 0)
+        has = "proj_seed" in state or "basis" in state
+        due = refresh_due(step, group["update_proj_gap"], self._offset.get(p, 0), has)
+        if group["proj"] == "svd":
+            if due:
+                state["basis"] = svd_basis(grad, rank, side, seed=mix_seed(self.seed, self._index[p], step)).to(grad.dtype)
+            return state["basis"]
+        if due:
+            state["proj_seed"] = next_seed(state["proj_seed"]) if has else self.seed + self._index[p]
+        return gaussian_basis(tuple(p.shape), rank, side, state["proj_seed"], p.device, grad.dtype)
+
+    def _update_lowrank(self, p, grad, group, state, clip):
+        side = choose_side(tuple(p.shape), group["proj_type"])
+        rank = self._rank(p, group)
+        if group["proj"] == "svd" and not torch.isfinite(grad).all():
+            return self._skip()
+        basis = self._basis(p, grad, group, state, side, rank)
+        r = project(grad, basis, side)
+        if not torch.isfinite(r).all():
+            return self._skip()
+        if clip != 1.0:
+            r = r * clip
+        state["step"] = state.get("step", 0) + 1
+        direction, step_size = self._adam_direction(state, r, group)
+        # Channels are along the side that is not projected: columns for left, rows for right.
+        dim = 0 if side == "left" else 1
+        if group["scale_type"] == "channel":
+            factor = direction.norm(dim=dim, keepdim=True) / (r.norm(dim=dim, keepdim=True) + 1e-8)
+            full_norm = (grad.norm(dim=dim, keepdim=True).to(factor.dtype) * factor).norm()
+        else:
+            factor = direction.norm() / (r.norm() + 1e-8)
+            full_norm = grad.norm().to(factor.dtype) * factor
+        factor = factor * clip
+        full_norm = full_norm * clip
+        if self.norm_growth_limit is not None:
+            gamma = self.norm_growth_limit
+            if "scaled_grad_norm" in state:
+                limiter = (full_norm / (state["scaled_grad_norm"] + 1e-8)).clamp(min=gamma) / gamma
+                factor = factor / limiter
+                state["scaled_grad_norm"] = full_norm / limiter
+            else:
+                state["scaled_grad_norm"] = full_norm.reshape(())
+        factor = factor * math.sqrt(group["scale"])
+        p.addcmul_(grad, factor.to(p.dtype), value=-step_size)
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
