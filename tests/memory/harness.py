@@ -49,7 +49,11 @@ def build(recipe_dict, seed=0):
         model = get_peft_model(model, LoraConfig(r=r.adapter.r, lora_alpha=r.adapter.lora_alpha, lora_dropout=0.0,
                                                  target_modules=targets))
     if r.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5.2x name
+            enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     model.train()
     return r, cfg, model

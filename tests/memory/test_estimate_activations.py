@@ -1,0 +1,82 @@
+"""Predicted activation bytes against the bytes autograd really saves (saved-tensor hooks)."""
+import pytest
+import torch
+
+from efft.memory import estimate as est
+from efft.memory.tracker import count_saved_tensors
+from tests.memory.harness import batch_for, build, measure_activations, recipe, tiny_block
+
+TOL = 0.10
+
+# calibrated on llama / qwen2 / mistral at hidden 64 ...
+GRID = [
+    (fam, attn, ckpt, b, s)
+    for fam in ("llama", "qwen2", "mistral")
+    for attn in ("eager", "sdpa")
+    for ckpt in (False, True)
+    for b, s in ((1, 16), (2, 48))
+]
+
+
+@pytest.mark.parametrize("family,attn,ckpt,batch,seq", GRID)
+def test_activations_within_10_percent(family, attn, ckpt, batch, seq):
+    pred, meas = measure_activations(recipe(tiny_block(family), batch, seq, attn, ckpt))
+    assert abs(pred - meas) <= TOL * meas, (pred, meas)
+
+
+# ... then checked on other shapes and families it was not fitted to
+OTHER = [
+    ("llama", dict(hidden=96, heads=6, kv=3, inter=200, vocab=300, layers=3), "sdpa", False, 3, 40, {}),
+    ("llama", dict(hidden=96, heads=6, kv=6, inter=160, vocab=300, layers=3), "eager", True, 1, 72, {}),
+    ("qwen2", dict(hidden=48, heads=4, kv=1, inter=144, vocab=500, layers=2), "eager", False, 2, 24, {}),
+    ("gemma", dict(hidden=64, heads=4, kv=2, inter=128), "sdpa", False, 2, 32, {}),
+    ("gemma", dict(hidden=64, heads=4, kv=2, inter=128), "eager", True, 2, 32, {}),
+    ("gemma2", dict(hidden=64, heads=4, kv=2, inter=128), "eager", False, 2, 32, {}),
+    ("gemma2", dict(hidden=64, heads=4, kv=2, inter=128), "eager", True, 1, 48, {}),
+    ("mistral", dict(), "sdpa", False, 2, 32, {"dtype": "bfloat16"}),
+    ("llama", dict(), "eager", True, 2, 32, {"dtype": "bfloat16"}),
+    ("llama", dict(), "sdpa", False, 2, 32, {"adapter": {"type": "lora", "r": 8}}),
+    ("qwen2", dict(), "eager", True, 2, 32, {"adapter": {"type": "lora", "r": 8}, "dtype": "bfloat16"}),
+    ("llama", dict(), "sdpa", False, 2, 32, {"adapter": {"type": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                           "dtype": "bfloat16"}),
+]
+
+
+@pytest.mark.parametrize("family,shape,attn,ckpt,batch,seq,extra", OTHER)
+def test_activations_other_shapes_and_recipes(family, shape, attn, ckpt, batch, seq, extra):
+    extra = dict(extra)
+    dtype = extra.pop("dtype", "float32")
+    pred, meas = measure_activations(recipe(tiny_block(family, **shape), batch, seq, attn, ckpt, dtype=dtype, **extra))
+    assert abs(pred - meas) <= TOL * meas, (pred, meas)
+
+
+def test_checkpointing_forward_bytes_with_transformers_default():
+    """Non-reentrant checkpointing (transformers' default): forward keeps the layer inputs + head."""
+    rd = recipe(tiny_block("llama", layers=3), 2, 32, "sdpa", True)
+    r, cfg, model = build(rd)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_disable()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with count_saved_tensors(model) as c:
+        out = model(**batch_for(r, cfg))
+        fwd = c.live_bytes
+    del out
+    pred = est.estimate(rd).details["activation_parts"]["forward"]
+    assert abs(pred - fwd) <= TOL * fwd, (pred, fwd)
+
+
+def test_activations_scale_with_tokens_and_drop_with_checkpointing():
+    """The model's trends on the big configs: linear in batch x seq (plus s^2 for eager), and
+    checkpointing keeps far less."""
+    base = dict(model={"architecture": "llama-3-8b", "dtype": "bfloat16"}, data={"path": "-", "max_seq_length": 1024},
+                train={"per_device_train_batch_size": 1})
+    a1 = est.estimate(base).activations
+    base["train"]["per_device_train_batch_size"] = 2
+    a2 = est.estimate(base).activations
+    assert a2 == pytest.approx(2 * a1, rel=0.01)
+    base["train"]["gradient_checkpointing"] = True
+    a3 = est.estimate(base).activations
+    assert a3 < a2 / 5
