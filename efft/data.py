@@ -140,6 +140,9 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
             got = sorted(m) if isinstance(m, dict) else type(m).__name__
             raise ValueError(f"data: message {j} must be a mapping with 'role' and 'content', got {got}")
     if getattr(tokenizer, "chat_template", None):
+        if train_on_prompt:  # every token is labelled: no need to find the turns
+            full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            return encode_segments(tokenizer, [(full, True)], True)
         return encode_segments(tokenizer, chat_segments(tokenizer, messages), train_on_prompt)
     # No template: only a single user -> assistant exchange maps onto the plain instruction format.
     roles = [m["role"] for m in messages if m["role"] != "system"]

@@ -275,3 +275,12 @@ def test_packing_leaks_when_the_model_uses_a_cache(tmp_path):
         leaked = model(input_ids=ids, position_ids=pos).logits[0, 4:]
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(leaked, alone, atol=1e-3)
+
+
+def test_template_that_rewrites_earlier_turns_is_refused():
+    t = byte_tokenizer()
+    t.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(ValueError, match="cannot be located for label masking; set data.train_on_prompt"):
+        encode_chat(t, msgs)
+    assert encode_chat(t, msgs, train_on_prompt=True)["labels"] == b("2ab")
