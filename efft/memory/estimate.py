@@ -155,8 +155,14 @@ def build_meta_model(config, dtype: torch.dtype = torch.float32, attn_implementa
     """The causal LM of ``config`` with every tensor on the meta device (no memory, no init)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    except ValueError as e:
+        if "scaled_dot_product_attention" in str(e):
+            raise ValueError(f"{config.model_type} does not support attn_implementation: {attn_implementation} in this "
+                             "transformers version; set model.attn_implementation: eager") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------- quant formats
@@ -584,9 +590,18 @@ def _dtype_bytes(r) -> tuple[torch.dtype, int, Optional[int]]:
     return dt, _NBYTES[dt], autocast
 
 
-def _estimate(r, cfg, label_fraction: float) -> Estimate:
+def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Estimate:
+    if cfg.model_type not in SUPPORTED_ACTIVATION_FAMILIES:
+        raise ValueError(f"no activation model for model_type {cfg.model_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_ACTIVATION_FAMILIES)}")
     dtype, e, autocast = _dtype_bytes(r)
-    model = build_meta_model(cfg, dtype, r.model.attn_implementation)
+    key = (id(cfg), dtype, r.model.attn_implementation)
+    if cache is not None and key in cache:
+        model = cache[key]
+    else:
+        model = build_meta_model(cfg, dtype, r.model.attn_implementation)  # read only: never modified here
+        if cache is not None:
+            cache[key] = model
     arch = _Arch.of(cfg)
     q, a, o, t, sp, off = r.quant, r.adapter, r.optim, r.train, r.sparsity, r.offload
     out_names = _output_layer_names(model)
@@ -906,13 +921,14 @@ def _apply(r, changes: list[tuple[str, Any]]):
 def _suggest(r, cfg, gpu: int, label_fraction: float):
     """The cheapest single change that fits; else changes added cheapest-first until it fits."""
     cands = _candidates(r)
+    cache: dict = {}
 
     def total_of(changes):
         new = _apply(r, changes)
         if new is None:
             return None
         try:
-            return _estimate(new, cfg, label_fraction).total
+            return _estimate(new, cfg, label_fraction, cache).total
         except ValueError:
             return None
 
