@@ -1,0 +1,118 @@
+"""apply_sparsity: recipe sections in, methods composed, errors before anything is installed."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from efft.config import SparsityConfig
+from efft.sparsity import apply_sparsity, partial_modules, sampled_modules, sparsity_problems
+from tests.tiny import tiny_batch, tiny_model
+
+
+def _cfg(**sections):
+    return SparsityConfig(**{k: dict(enabled=True, **v) for k, v in sections.items()})
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_all_methods_compose_on_full_finetuning():
+    model = tiny_model("llama", layers=3)
+    cfg = _cfg(loss_tokens=dict(chunk_size=8), token_elimination=dict(keep_ratio=0.5, start_layer=1),
+               sampled_linear=dict(keep=0.3))
+    assert apply_sparsity(model, cfg) is model
+    assert hasattr(model, "_efft_loss_tokens") and hasattr(model, "_efft_token_elimination") and sampled_modules(model)
+    batch = tiny_batch(seq=32, label_fraction=0.3)
+    model.train()
+    out = model(**batch)
+    assert out.logits is None and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(g).all() for g in _grads(model).values())
+    assert set(model._efft_token_elimination.last_kept) == {1, 2}
+
+
+def test_loss_tokens_and_elimination_at_keep_one_are_exact_with_checkpointing():
+    dense = tiny_model("qwen2")
+    model = apply_sparsity(copy.deepcopy(dense), _cfg(loss_tokens={}, token_elimination=dict(keep_ratio=1.0, start_layer=0)))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = tiny_batch(seq=16, label_fraction=0.5)
+    dense.train()
+    model.train()
+    ref, out = dense(**batch), model(**batch)
+    torch.testing.assert_close(out.loss, ref.loss)
+    ref.loss.backward()
+    out.loss.backward()
+    g = _grads(model)
+    for n, p in _grads(dense).items():
+        torch.testing.assert_close(g[n], p, rtol=1e-4, atol=1e-6)
+
+
+def test_elimination_with_checkpointing_matches_without():
+    cfg = _cfg(loss_tokens={}, token_elimination=dict(keep_ratio=0.4, start_layer=0))
+    a = apply_sparsity(tiny_model("llama"), cfg)
+    b = apply_sparsity(tiny_model("llama"), cfg)
+    b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = tiny_batch(seq=24, label_fraction=0.3, seed=2)
+    for m in (a, b):
+        m.train()
+        m(**batch).loss.backward()
+    ga, gb = _grads(a), _grads(b)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6)
+
+
+def test_partial_with_loss_tokens_and_elimination():
+    model = apply_sparsity(tiny_model("mistral"), _cfg(loss_tokens={}, token_elimination=dict(keep_ratio=0.5),
+                                                       partial=dict(fraction=0.1)))
+    assert partial_modules(model)
+    model.train()
+    model(**tiny_batch(seq=24, label_fraction=0.4)).loss.backward()
+    assert all(m.paca_weight.grad is not None for m in partial_modules(model).values())
+
+
+def test_on_peft_lora_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules="all-linear"))
+    apply_sparsity(model, _cfg(loss_tokens={}, token_elimination=dict(keep_ratio=0.5), sampled_linear=dict(keep=0.5)))
+    assert sampled_modules(model)
+    model.train()
+    out = model(**tiny_batch(seq=24, label_fraction=0.4))
+    assert out.logits is None
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_bad_values_reported_together_before_anything_is_installed():
+    cfg = SimpleNamespace(
+        loss_tokens=SimpleNamespace(enabled=True, chunk_size=0),
+        token_elimination=SimpleNamespace(enabled=True, keep_ratio=1.5, start_layer=0, unbiased=False, min_seq_length=0),
+        sampled_linear=SimpleNamespace(enabled=True, keep=0.0, deterministic_fraction=2.0, target_modules="all-linear"),
+        partial=SimpleNamespace(enabled=False),
+    )
+    model = tiny_model("llama")
+    with pytest.raises(ValueError) as e:
+        apply_sparsity(model, cfg)
+    msg = str(e.value)
+    for key in ("loss_tokens.chunk_size", "token_elimination.keep_ratio", "sampled_linear.keep",
+                "sampled_linear.deterministic_fraction"):
+        assert key in msg
+    assert "forward" not in model.__dict__ and not sampled_modules(model)
+
+    assert sparsity_problems({"loss_tokens": {"enabled": True}, "dropout_tokens": {}})[0][1].startswith("unknown method")
+    both = _cfg(sampled_linear={}, partial={})
+    with pytest.raises(ValueError, match="cannot be combined"):
+        apply_sparsity(tiny_model("llama"), both)
+
+
+def test_model_dependent_errors_before_install():
+    model = tiny_model("llama")  # 2 layers
+    with pytest.raises(ValueError, match="one per layer"):
+        apply_sparsity(model, _cfg(loss_tokens={}, token_elimination=dict(keep_ratio=[0.5, 0.5, 0.5])))
+    assert "forward" not in model.__dict__  # loss-token skipping was not installed either
+    with pytest.raises(ValueError, match="start_layer"):
+        apply_sparsity(model, _cfg(token_elimination=dict(start_layer=5)))
+    with pytest.raises(ValueError, match="causal-LM"):
+        apply_sparsity(torch.nn.Linear(3, 3), _cfg(loss_tokens={}))
