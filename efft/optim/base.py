@@ -31,6 +31,8 @@ class ProjectedOptimizer(Optimizer):
     #: FRUGAL decays weights before its update (torch AdamW style); GaLore and APOLLO after it,
     #: as in the authors' code (kept so parity with their packages is exact).
     decay_before_update = False
+    #: FRUGAL adds eps after bias correction (torch.optim.AdamW); GaLore/APOLLO before it.
+    eps_after_bias_correction = False
     #: Defaults filled into low-rank groups that do not set them.
     lowrank_defaults: dict[str, Any] = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
 
@@ -158,7 +160,8 @@ class ProjectedOptimizer(Optimizer):
                 st["step"] = 0
                 moments.init(st, p.shape, p.device, group["state_bits"], moment_dtype(p))
             st["step"] += 1
-        step_sizes = [-bias_corrected_lr(lr, beta1, beta2, st["step"], group["correct_bias"]) for st in states]
+        step_sizes, v_scales = zip(*(self._step_size(lr, beta1, beta2, st["step"], group["correct_bias"]) for st in states))
+        step_sizes = [-s for s in step_sizes]
         grads = [g if g.dtype == moment_dtype(p) else g.to(moment_dtype(p)) for g, p in zip(grads, params)]
         if clip != 1.0:
             grads = torch._foreach_mul(grads, clip)
@@ -172,6 +175,8 @@ class ProjectedOptimizer(Optimizer):
             torch._foreach_mul_(vs, beta2)
             torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
             denom = torch._foreach_sqrt(vs)
+            if any(c != 1.0 for c in v_scales):
+                torch._foreach_mul_(denom, list(v_scales))
             torch._foreach_add_(denom, eps)
             direction = torch._foreach_div(ms, denom)  # div then add: the authors' rounding exactly
             del denom
@@ -182,8 +187,8 @@ class ProjectedOptimizer(Optimizer):
                 for p, d, s in zip(params, direction, step_sizes):
                     p.add_(d.to(p.dtype), alpha=s)
         else:
-            for p, g, st, s in zip(params, grads, states, step_sizes):
-                direction = moments.adam_direction(st, g, beta1, beta2, eps)
+            for p, g, st, s, c in zip(params, grads, states, step_sizes, v_scales):
+                direction = moments.adam_direction(st, g, beta1, beta2, eps, c)
                 p.add_(direction.to(p.dtype), alpha=s)
         if wd > 0 and not self.decay_before_update:
             torch._foreach_add_(params, params, alpha=-lr * wd)
@@ -194,8 +199,16 @@ class ProjectedOptimizer(Optimizer):
         if "exp_avg" not in state and "exp_avg_q" not in state:
             moments.init(state, r.shape, r.device, group["state_bits"], torch.float32)
         state["adam_step"] = state.get("adam_step", 0) + 1
-        step_size = bias_corrected_lr(group["lr"], beta1, beta2, state["adam_step"], group["correct_bias"])
-        return moments.adam_direction(state, r, beta1, beta2, group["eps"]), step_size
+        step_size, v_scale = self._step_size(group["lr"], beta1, beta2, state["adam_step"], group["correct_bias"])
+        return moments.adam_direction(state, r, beta1, beta2, group["eps"], v_scale), step_size
+
+    def _step_size(self, lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> tuple[float, float]:
+        """(step size, factor on sqrt(v)) for the class's eps convention."""
+        if not correct_bias:
+            return lr, 1.0
+        if self.eps_after_bias_correction:
+            return lr / (1.0 - beta1 ** step), 1.0 / math.sqrt(1.0 - beta2 ** step)
+        return bias_corrected_lr(lr, beta1, beta2, step), 1.0
 
     def _skip(self) -> None:
         self.skipped_nonfinite += 1

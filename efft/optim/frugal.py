@@ -24,6 +24,7 @@ class FRUGAL(ProjectedOptimizer):
     """FRUGAL with AdamW as the state-full part; groups without ``rank`` are plain AdamW."""
 
     decay_before_update = True
+    eps_after_bias_correction = True
     lowrank_defaults = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "projector": "block",
                         "density": 0.25, "state_free_lr_scale": 0.1}
 
@@ -76,6 +77,19 @@ class FRUGAL(ProjectedOptimizer):
         if group["projector"] == "random":
             side = choose_side(shape, group["proj_type"])
             return orthonormal_random_basis(shape, self._rank(p, group), side, state["proj_seed"], p.device).to(grad.dtype)
+        dim = self.block_dim(shape)
+        return block_indices(shape[dim], self.block_count(shape, group["density"]), state["proj_seed"], p.device)
+
+    @torch.no_grad()
+    def current_subspace(self, p: torch.Tensor) -> torch.Tensor:
+        """The state-full subspace last used for ``p``: row/column indices (block) or basis."""
+        group, state = self._group_of[p], self.state[p]
+        if group["projector"] == "svd":
+            return state["basis"]
+        shape = tuple(p.shape)
+        if group["projector"] == "random":
+            side = choose_side(shape, group["proj_type"])
+            return orthonormal_random_basis(shape, self._rank(p, group), side, state["proj_seed"], p.device)
         dim = self.block_dim(shape)
         return block_indices(shape[dim], self.block_count(shape, group["density"]), state["proj_seed"], p.device)
 

@@ -27,11 +27,17 @@ def reset(state: dict) -> None:
     state["exp_avg_sq"].zero_()
 
 
-def adam_direction(state: dict, g: torch.Tensor, beta1: float, beta2: float, eps: float) -> torch.Tensor:
-    """Update the moments in place with ``g``; return m / (sqrt(v) + eps)."""
+def adam_direction(state: dict, g: torch.Tensor, beta1: float, beta2: float, eps: float, v_scale: float = 1.0) -> torch.Tensor:
+    """Update the moments in place with ``g``; return m / (sqrt(v) * v_scale + eps).
+
+    ``v_scale`` = 1 / sqrt(1 - beta2^t) puts eps after the bias correction (torch.optim.AdamW);
+    1 puts it before (the GaLore/APOLLO authors' transformers-style AdamW)."""
     m, v = state["exp_avg"], state["exp_avg_sq"]
     if g.dtype != m.dtype:
         g = g.to(m.dtype)
     m.mul_(beta1).add_(g, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    return m / v.sqrt().add_(eps)
+    denom = v.sqrt()
+    if v_scale != 1.0:
+        denom.mul_(v_scale)
+    return m / denom.add_(eps)
