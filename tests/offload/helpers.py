@@ -31,8 +31,8 @@ def train(m, opt, steps, accum=1, clip=None, sched=None, start=0, seq=16):
             loss = m(**b).loss / accum
             loss.backward()
             losses.append(loss.detach())
-        if clip:
-            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+        if clip:  # over the optimizer's parameters in group order, as the offload optimizer does
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
         opt.step()
         if sched is not None:
             sched.step()
