@@ -8,16 +8,15 @@ normal safetensors directory in efft's cache so every later load is a plain ``fr
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,9 +108,9 @@ def convert_gguf(name: str, dest: Path, gguf_model=None, gguf_tokenizer=None) ->
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         try:
             os.rename(tmp, dest)
-        except OSError:
+        except OSError as e:
             if not (dest / "config.json").is_file():  # someone else won the race if it is there
-                raise
+                raise OSError(f"cannot create {dest} ({e}); remove it if it is a leftover and try again") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +121,7 @@ def builtin_dir(name: str) -> Path:
     """The cached safetensors directory of a builtin model, converted on first use."""
     dest = cache_dir() / "models" / name
     if not (dest / "config.json").is_file():
-        log.info("converting builtin model %s to %s (once)", name, dest)
+        print(f"efft: converting builtin model {name} from GGUF to {dest} (once)", file=sys.stderr)
         convert_gguf(name, dest)
     return dest
 
