@@ -130,13 +130,14 @@ def _checkpoint_files(path: str) -> list:
 
 @torch.no_grad()
 def quantize_from_checkpoint(path: str, config=None, dtype: torch.dtype = torch.float32, device="cpu",
-                             model_config=None, **overrides) -> nn.Module:
+                             model_config=None, model_kwargs: Optional[dict] = None, **overrides) -> nn.Module:
     """Build a quantized transformers causal LM from a safetensors checkpoint directory, layer by layer.
 
     The model is created on the meta device (no weights), its Linear layers become empty
     QuantLinear layers, then each checkpoint tensor is read alone, moved to ``device``, cast to
     ``dtype`` and either quantized into its layer or assigned as a parameter/buffer, and dropped.
     Peak host memory is about the quantized model plus one full-precision tensor.
+    ``model_kwargs`` go to ``AutoModelForCausalLM.from_config`` (e.g. ``attn_implementation``).
     """
     from accelerate import init_empty_weights
     from safetensors import safe_open
@@ -147,7 +148,7 @@ def quantize_from_checkpoint(path: str, config=None, dtype: torch.dtype = torch.
     spec = QuantSpec.of(config, **overrides)
     cfg = model_config or AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are small and computed
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **(model_kwargs or {}))
     if spec.type != "none":
         quantized_skeleton(model, spec, dtype=dtype)
     quant_layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
