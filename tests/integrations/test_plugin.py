@@ -1,0 +1,65 @@
+"""A plain transformers training script plus a few plugin lines gives the same losses as `efft train`."""
+import json
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+from efft import config
+from efft.data import load_dataset_from_config, make_collator
+from efft.integrations.transformers import EfftPlugin
+from efft.tokenizer import byte_tokenizer
+from efft.train import train
+from tests.tiny import tiny_config
+
+SECTIONS = {
+    "optim": {"name": "apollo_mini", "rank": 1, "update_proj_gap": 5},
+    "sparsity": {"loss_tokens": {"enabled": True, "chunk_size": 16}},
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plugin")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=320, hidden=32), attn_implementation="sdpa")
+    tok = byte_tokenizer()
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows = [{"instruction": f"Spell {w} backwards.", "output": f"Answer: {w[::-1]}"} for w in
+            ["cat", "planet", "river", "stone", "cloud", "garden", "window", "paper", "orange", "silver", "bridge", "forest"]]
+    data = root / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root, data
+
+
+def test_plugin_in_plain_script_equals_efft_train(setup, tmp_path):
+    root, data = setup
+    train_kw = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=2e-3, seed=7, logging_steps=1,
+                    lr_scheduler_type="linear", warmup_steps=0)
+    recipe = config.validate({"model": {"path": str(root / "model"), "attn_implementation": "sdpa"},
+                              "data": {"path": str(data), "max_seq_length": 64},
+                              "train": {**train_kw, "output_dir": str(tmp_path / "cli")}, **SECTIONS})
+    cli_losses = [l for _, l in train(recipe)["loss_curve"]]
+
+    # --- the user's existing script -------------------------------------------------------------
+    transformers.set_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(root / "model", attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    train_ds, _ = load_dataset_from_config(recipe.data, tokenizer, seed=7)
+    args = TrainingArguments(output_dir=str(tmp_path / "script"), use_cpu=True, report_to="none",
+                             remove_unused_columns=False, save_strategy="no", **train_kw)
+    # --- the lines efft adds ----------------------------------------------------------------------
+    plugin = EfftPlugin(SECTIONS)
+    model = plugin.prepare_model(model)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=make_collator(tokenizer, recipe.data),
+                      **plugin.trainer_kwargs(model))
+    # -----------------------------------------------------------------------------------------------
+    trainer.train()
+    script_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    assert len(cli_losses) == 6
+    assert script_losses == pytest.approx(cli_losses, rel=1e-6, abs=1e-7)
+    assert cli_losses[-1] < cli_losses[0]
