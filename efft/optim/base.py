@@ -222,6 +222,12 @@ class ProjectedOptimizer(Optimizer):
         # Keep saved dtypes (fp32 moments of bf16 params, uint8 codes): move to the device only.
         return value.to(device=param.device) if isinstance(value, torch.Tensor) else value
 
+    def trainer_callbacks(self) -> list:
+        """Callbacks for ``transformers.Trainer`` (logs ``skipped_nonfinite``)."""
+        from .callbacks import OptimizerLogCallback
+
+        return [OptimizerLogCallback(self)]
+
     def state_bytes(self) -> int:
         """Bytes held in tensors of ``optimizer.state`` (what the memory tests and cards report)."""
         return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values() if isinstance(v, torch.Tensor))
