@@ -325,12 +325,15 @@ def activation_bytes(
     sampled_keep: float = 1.0,
     gqa_in_sdpa: bool = True,
     autocast_bytes: Optional[int] = None,
+    partial_fraction: float = 0.05,
+    te_extra_per_token: int = 0,
 ) -> dict[str, int]:
     """Bytes saved for backward (live peak) by a llama-like causal LM, component by component.
 
     ``linears`` maps each decoder Linear (q_proj ... down_proj) to ``full`` (trainable weight: saves
     its input), ``lora`` (frozen base + LoRA: lora_A saves the input in the adapter's dtype, lora_B
-    the rank-r product) or ``frozen`` (saves nothing of its input). Each saved storage counts once,
+    the rank-r product), ``partial`` (PaCA: saves only its trained input columns, a copy) or
+    ``frozen`` (saves nothing of its input). Each saved storage counts once,
     as the tracker counts it. ``input_requires_grad``: the embedding output needs a gradient (the
     embedding trains, or checkpointing made the inputs require grad).
 
@@ -373,11 +376,12 @@ def activation_bytes(
                 n += int(e * T * fan_in * sampled_keep) if any(k == "full" for k in kinds) else e * T * fan_in
             n += sum(lora_bytes * T * fan_in for k in kinds if k == "lora" and lora_bytes != e)
         n += sum(lora_bytes * T * lora_r for k in kinds if k == "lora")
+        n += sum(e * T * max(1, int(round(partial_fraction * fan_in))) for k in kinds if k == "partial")
         return n
 
     def layer(T: int, bb: int, ss: int, first: bool) -> int:
         x_grad = input_requires_grad or not first
-        qkv_grad = x_grad or any(linears.get(k) in ("full", "lora") for k in ("q_proj", "k_proj", "v_proj"))
+        qkv_grad = x_grad or any(linears.get(k) in ("full", "lora", "partial") for k in ("q_proj", "k_proj", "v_proj"))
         n = norm(T, x_grad)
         n += linear_group(T, h, ("q_proj", "k_proj", "v_proj"))
         if qkv_grad:
@@ -397,7 +401,7 @@ def activation_bytes(
                 n += e * T * H * d + 4 * bb * H * ss  # output, logsumexp
                 o_in_new = False  # o_proj reads a view of the attention output
             o_kind = linears.get("o_proj", "full")
-            if o_in_new or o_kind == "lora" and lora_bytes != e:
+            if o_in_new or (o_kind == "lora" and lora_bytes != e) or o_kind == "partial":
                 n += linear_group(T, H * d, ("o_proj",))
             else:
                 n += sum(lora_bytes * T * lora_r for k in (o_kind,) if k == "lora")
@@ -421,13 +425,16 @@ def activation_bytes(
     per_layer = []
     for i in range(arch.layers):
         if keep_ratio < 1 and i >= keep_start_layer:
-            per_layer.append(layer(kept_T, b, kept_s, i == 0))
+            per_layer.append(layer(kept_T, b, kept_s, i == 0) + te_extra_per_token * kept_T)
         else:
             per_layer.append(layer(T, b, s, i == 0))
-    if loss_tokens:
-        # the last block's MLP runs on label rows only
-        rows = max(1, int(round(T * label_fraction)))
-        mlp_full = 3 * e * T * I + linear_group(T, I, ("down_proj",)) + linear_group(T, h, ("gate_proj", "up_proj"))
+    last_eliminates = keep_ratio < 1 and arch.layers - 1 >= keep_start_layer
+    if loss_tokens and not last_eliminates:
+        # the last block's MLP runs on label rows only (not combined with token elimination there)
+        T_last = kept_T if (keep_ratio < 1 and arch.layers - 1 >= keep_start_layer) else T
+        rows = min(T_last, max(1, int(round(T * label_fraction))))
+        mlp_full = (3 * e * T_last * I + linear_group(T_last, I, ("down_proj",))
+                    + linear_group(T_last, h, ("gate_proj", "up_proj")))
         mlp_rows = 3 * e * rows * I + linear_group(rows, I, ("down_proj",)) + linear_group(rows, h, ("gate_proj", "up_proj"))
         per_layer[-1] -= mlp_full - mlp_rows
     layers_total = sum(per_layer)
@@ -696,13 +703,17 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
                 adapter_params.append((name + ".scales", (blocks,), 4))
         notes.append("peqa: one trainable float32 scale per quantization block (layout of efft.quant.peqa, not yet measured)")
     adapters = sum(math.prod(s) * b for _, s, b in adapter_params)
+    partial_targets = set()
     if sp.partial.enabled:
+        # PaCA (efft.sparsity.partial): base frozen; per target Linear a trainable (out x k) copy of
+        # k = round(fraction * in) columns in the weight's dtype, and their int64 column indices.
         for name, mod in linears:
             if name not in out_names and (sp.partial.target_modules == "all-linear" or _name_matches(name, sp.partial.target_modules)):
-                cols = max(1, round(sp.partial.fraction * mod.in_features))
-                adapter_params.append((name + ".partial", (mod.out_features, cols), e))
+                cols = max(1, int(round(sp.partial.fraction * mod.in_features)))
+                adapter_params.append((name + ".paca_weight", (mod.out_features, cols), mod.weight.element_size()))
+                weights += 8 * cols
+                partial_targets.add(name)
         adapters = sum(math.prod(s) * b for _, s, b in adapter_params)
-        notes.append("PaCA: trained columns counted as adapters (layout of efft.sparsity.partial not yet measured)")
 
     train_params = trainable + adapter_params
     if not train_params:
@@ -774,8 +785,8 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
             kinds[nm] = "full"
         elif int8_train and n0 in quantized:
             kinds[nm] = "full"
-        elif sp.partial.enabled:
-            kinds[nm] = "full"
+        elif n0 in partial_targets:
+            kinds[nm] = "partial"
         else:
             kinds[nm] = "frozen"
     embed_trainable = full_ft and not int8_train
@@ -787,9 +798,13 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     input_grad = embed_trainable or ckpt or (int8_train and True)
     te = sp.token_elimination
     keep = 1.0
-    if te.enabled:
+    te_extra = 0
+    if te.enabled and r.data.max_seq_length >= te.min_seq_length:
         keep = te.keep_ratio if isinstance(te.keep_ratio, (int, float)) else sum(te.keep_ratio) / len(te.keep_ratio)
-        notes.append("token elimination: layers from start_layer on process keep_ratio of the tokens (approximate)")
+        keep = max(keep, min(1.0, label_fraction))  # positions that feed the loss are never eliminated
+        # each eliminating layer gathers its own rotary tables and keeps int64 gather/scatter indices
+        te_extra = 2 * e * arch.head_dim + 8 * 2
+        notes.append("token elimination: layers from start_layer on run max(keep_ratio, label fraction) of the tokens")
     sampled = sp.sampled_linear.keep if sp.sampled_linear.enabled else 1.0
     if sp.sampled_linear.enabled:
         notes.append("sampled-activation linears: saved inputs scaled by keep (approximate)")
@@ -799,7 +814,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         norms_trainable=full_ft or int8_train, embed_trainable=embed_trainable, head_trainable=head_trainable,
         input_requires_grad=input_grad, checkpointing=ckpt, loss_tokens=sp.loss_tokens.enabled,
         label_fraction=label_fraction, keep_ratio=keep, keep_start_layer=te.start_layer, sampled_keep=sampled,
-        autocast_bytes=autocast,
+        autocast_bytes=autocast, partial_fraction=sp.partial.fraction, te_extra_per_token=te_extra,
     )
     activations = act["peak"]
     if off.activations and s >= off.min_seq_length:

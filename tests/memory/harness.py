@@ -59,19 +59,28 @@ def build(recipe_dict, seed=0):
     return r, cfg, model
 
 
-def batch_for(r, cfg, seed=0):
+def batch_for(r, cfg, seed=0, label_fraction=1.0):
+    """Random ids; labels on the last ``label_fraction`` of each row (a prompt without labels before)."""
     g = torch.Generator().manual_seed(seed)
     b, s = r.train.per_device_train_batch_size, r.data.max_seq_length
     ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    labels = ids.clone()
+    labels[:, : s - int(round(label_fraction * s))] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def measure_activations(recipe_dict, seed=0):
+def measure_activations(recipe_dict, seed=0, label_fraction=1.0):
     """Peak live saved-tensor bytes over one forward + backward (reentrant checkpointing so the
-    recompute is seen), and the estimate's prediction."""
+    recompute is seen), and the estimate's prediction. The recipe's sparsity section is applied
+    with efft.sparsity."""
     r, cfg, model = build(recipe_dict, seed)
-    batch = batch_for(r, cfg, seed)
+    s = r.sparsity
+    if any(getattr(s, k).enabled for k in ("loss_tokens", "token_elimination", "sampled_linear", "partial")):
+        from efft.sparsity import apply_sparsity
+
+        apply_sparsity(model, s)
+    batch = batch_for(r, cfg, seed, label_fraction)
     with count_saved_tensors(model) as c:
         model(**batch).loss.backward()
-    pred = est.estimate(recipe_dict).details["activation_parts"]["peak"]
+    pred = est.estimate(recipe_dict, label_fraction=label_fraction).details["activation_parts"]["peak"]
     return pred, c.peak_bytes

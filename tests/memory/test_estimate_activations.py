@@ -80,3 +80,23 @@ def test_activations_scale_with_tokens_and_drop_with_checkpointing():
     base["train"]["gradient_checkpointing"] = True
     a3 = est.estimate(base).activations
     assert a3 < a2 / 5
+
+
+SPARSITY = [
+    ("loss_tokens", {"loss_tokens": {"enabled": True, "chunk_size": 16}}, "eager", False, 0.5),
+    ("loss_tokens", {"loss_tokens": {"enabled": True, "chunk_size": 16}}, "sdpa", True, 0.5),
+    ("partial", {"partial": {"enabled": True, "fraction": 0.25}}, "sdpa", False, 1.0),
+    ("partial", {"partial": {"enabled": True, "fraction": 0.25}}, "eager", True, 1.0),
+    ("sampled_linear", {"sampled_linear": {"enabled": True, "keep": 0.3}}, "eager", False, 1.0),
+    ("token_elimination", {"token_elimination": {"enabled": True, "keep_ratio": 0.5}}, "sdpa", False, 0.25),
+    ("elimination+loss_tokens", {"token_elimination": {"enabled": True, "keep_ratio": 0.5},
+                                 "loss_tokens": {"enabled": True}}, "eager", False, 0.25),
+]
+
+
+@pytest.mark.parametrize("name,section,attn,ckpt,label_fraction", SPARSITY)
+def test_activations_with_efft_sparsity(name, section, attn, ckpt, label_fraction):
+    """efft.sparsity installed on the real model; the estimate reads the same recipe section."""
+    rd = recipe(tiny_block("llama", layers=3), 2, 32, attn, ckpt, sparsity=section)
+    pred, meas = measure_activations(rd, label_fraction=label_fraction)
+    assert abs(pred - meas) <= TOL * meas, (pred, meas)

@@ -172,3 +172,19 @@ def test_optimizer_offload_moves_state_to_host():
     off = recipe(tiny_block("llama"), batch=1, seq=8, offload={"optimizer": True})
     a, b = est.estimate(base), est.estimate(off)
     assert b.optimizer_state == 0 and b.host == a.optimizer_state > 0
+
+
+def test_partial_connections_exact():
+    from efft.sparsity import apply_partial
+
+    rd = recipe(tiny_block("llama"), batch=1, seq=8, sparsity={"partial": {"enabled": True, "fraction": 0.25}})
+    r, cfg, model = build(rd)
+    apply_partial(model, fraction=0.25)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    grads = _step(model, r, cfg, opt)
+    e = est.estimate(rd)
+    w = weight_bytes(model)
+    assert e.adapters == w["trainable"]
+    assert e.weights == w["frozen"] + w["buffers"]
+    assert e.gradients == grads
+    assert e.optimizer_state == optimizer_state_bytes(opt)
