@@ -55,7 +55,7 @@ class _Slot:
     """One parameter: where its state lives and what is in flight for it."""
 
     __slots__ = ("index", "param", "group", "inner", "on_host", "gbuf", "stepper", "count", "launched", "in_backward",
-                 "future", "norm", "grad_ref", "grad_version", "h2d_event", "version", "pinned_bytes")
+                 "future", "norm", "grad_ref", "grad_version", "grad_norm", "h2d_event", "version", "pinned_bytes")
 
     def __init__(self, index: int, param: torch.Tensor, group: int):
         self.index, self.param, self.group = index, param, group
@@ -70,6 +70,7 @@ class _Slot:
         self.norm: Optional[Future] = None
         self.grad_ref = None
         self.grad_version = -1
+        self.grad_norm: Optional[torch.Tensor] = None
         self.h2d_event = None
         self.version = -1
         self.pinned_bytes = 0
@@ -241,13 +242,15 @@ class OffloadOptimizer(Optimizer):
     def _sync_groups(self) -> None:
         """Hyperparameters (lr from a scheduler, ...) from the user's groups into the inner ones; done
         once per step, before the first worker of that step starts, so no worker sees a half update."""
-        if self._synced:
-            return
+        if not self._synced:
+            self._copy_groups()
+            self._synced = True
+
+    def _copy_groups(self) -> None:
         for g, ig in zip(self.param_groups, self.inner.param_groups):
             for k, v in g.items():
                 if k != "params":
                     ig[k] = v
-        self._synced = True
 
     def _launch(self, s: _Slot, in_backward: bool) -> None:
         """Gradient complete (last micro-batch): stream it to host and start the CPU work."""
@@ -257,7 +260,9 @@ class OffloadOptimizer(Optimizer):
             self.trace.append(("launch", s.index, "backward" if in_backward else "step"))
         if not s.on_host:
             return  # stepped on the device in step()
+        # A fingerprint (one reduction, on the device) to tell a real later change from a x1.0.
         s.grad_ref, s.grad_version = g, g._version
+        s.grad_norm = torch.linalg.vector_norm(g.detach(), 2.0) if in_backward else None
         if s.param._version != s.version:  # changed outside the optimizer (weights loaded): refresh the host copy
             wait_cpu(s.h2d_event)
             wait_cpu(self.mover.to_host(s.inner, s.param.detach(), tag=("param", s.index)))
@@ -268,6 +273,26 @@ class OffloadOptimizer(Optimizer):
         else:
             self._sync_groups()
             s.future = self._pool.submit(self._host_step, s, ev, None)
+
+    def _check_grads_unchanged(self, launched: list) -> None:
+        """Eager steps used the gradients as backward left them; a change since (clip_grad_norm_, a
+        grad scaler) would be silently ignored, so it raises. A version bump alone is not a change:
+        Trainer multiplies every gradient by 1.0 to log the norm, so values are compared by norm."""
+        touched = [s for s in launched if s.param.grad is not s.grad_ref or s.param.grad._version != s.grad_version]
+        if not touched:
+            return
+        bad = [s for s in touched if s.param.grad is None or s.param.grad is not s.grad_ref]
+        if not bad:
+            before = torch.stack([s.grad_norm for s in touched])
+            now = torch.stack([torch.linalg.vector_norm(s.param.grad, 2.0) for s in touched])
+            bad = [s for s, same in zip(touched, (before == now).tolist()) if not same]
+        if bad:
+            s = bad[0]
+            raise RuntimeError(
+                f"efft offload: the gradient of parameter {s.index} {tuple(s.param.shape)} changed after it was "
+                "copied for its eager step (clip_grad_norm_ or a grad scaler between backward and step()?). "
+                "Give max_grad_norm to the offload optimizer (with transformers.Trainer add "
+                "optimizer.trainer_callbacks()), or build it with eager=False")
 
     def _host_norm(self, s: _Slot, ev) -> torch.Tensor:
         wait_cpu(ev)
@@ -299,15 +324,10 @@ class OffloadOptimizer(Optimizer):
                 loss = closure()
         slots = [s for s in self._slots if s.launched or s.param.grad is not None]
         try:
+            self._check_grads_unchanged([s for s in slots if s.launched and s.on_host])
             for s in slots:
                 if not s.launched:
                     self._launch(s, in_backward=False)
-                elif s.on_host and (s.param.grad is not s.grad_ref or s.param.grad._version != s.grad_version):
-                    raise RuntimeError(
-                        f"efft offload: the gradient of parameter {s.index} {tuple(s.param.shape)} changed after it was "
-                        "copied for its eager step (clip_grad_norm_ or a grad scaler between backward and step()?). "
-                        "Give max_grad_norm to the offload optimizer (with transformers.Trainer add "
-                        "optimizer.trainer_callbacks()), or build it with eager=False")
             self._sync_groups()
             coef = self._clip(slots) if self.max_grad_norm else None
             if coef is not None:
@@ -402,7 +422,7 @@ class OffloadOptimizer(Optimizer):
 
     def state_dict(self) -> dict:
         self._wait_idle()
-        self._sync_groups()
+        self._copy_groups()  # not marked synced: a scheduler may still change lr before the next step
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -180,6 +180,19 @@ def test_wrap_existing_optimizer_with_state():
     opt.close()
 
 
+def test_lr_set_after_state_dict_is_used():
+    """accelerate reads state_dict() before the scheduler's first lr: the step must see the new lr."""
+    m = model()
+    opt = OffloadOptimizer(m.parameters(), torch.optim.AdamW, cfg(), lr=1e-2, weight_decay=0.1)
+    opt.state_dict()
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    before = [p.detach().clone() for p in m.parameters()]
+    train(m, opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    opt.close()
+
+
 def test_bad_input():
     m = model()
     with pytest.raises(TypeError, match="Optimizer subclass"):
