@@ -241,6 +241,9 @@ class QuantLinear(nn.Module):
         for k in list(unexpected_keys):
             if k.startswith(prefix) and k[len(prefix):] in mine:
                 unexpected_keys.remove(k)
+        if not mine:  # nothing for this layer (e.g. an adapter-only state dict): PyTorch's "missing"
+            missing_keys.append(prefix + "weight")
+            return
         try:
             load_layer_tensors(self, mine, prefix)
         except QuantCheckpointError as e:
