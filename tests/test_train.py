@@ -63,7 +63,7 @@ def test_train_writes_card_weights_and_resumes_exactly(data_path, tmp_path):
     assert second["global_step"] == 8
 
     assert losses(first) == losses(full)[:4]
-    assert losses(second) == losses(full)[4:]
+    assert losses(second) == losses(full)  # the resumed run's history carries steps 1-4 from the checkpoint
     a = load_file(out / "final/model.safetensors")
     b = load_file(part / "final/model.safetensors")
     assert a.keys() == b.keys()
