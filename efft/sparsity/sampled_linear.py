@@ -142,7 +142,13 @@ class SharedSamples:
             idx, scale = sample_rows(state.weights(x2, seq), k, int(round(state.det_fraction * k)))
             kept = x2.index_select(0, idx)
         out = (kept, idx, scale)
-        self._cache[key] = (weakref.ref(x), out, {id(state)})
+        cache = self._cache
+
+        def drop(ref, key=key):  # x freed: forget its sample (unless the key was reused since)
+            if key in cache and cache[key][0] is ref:
+                del cache[key]
+
+        cache[key] = (weakref.ref(x, drop), out, {id(state)})
         return out
 
 

@@ -165,3 +165,17 @@ def test_bad_config_raises():
     frozen = tiny_model("llama").requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable nn.Linear"):
         apply_sampled_linear(frozen)
+
+
+def test_sample_cache_does_not_outlive_its_input():
+    """Layers called directly (no model-level hook clears the cache): entries die with their input."""
+    import gc
+
+    seq = apply_sampled_linear(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), keep=0.5)
+    shared = seq._efft_sampled_shared
+    for _ in range(5):
+        x = torch.randn(4, 8, requires_grad=True)
+        seq[0](x).sum().backward()
+        del x
+        gc.collect()
+    assert len(shared._cache) == 0
