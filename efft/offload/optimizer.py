@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Optional
@@ -106,7 +107,7 @@ class OffloadOptimizer(Optimizer):
     ``pin_memory``, ``max_pinned_bytes``. Keyword options: ``gradient_accumulation_steps`` (micro-batches
     per step; the eager step fires on the last), ``max_grad_norm`` (global-norm clipping done here),
     ``eager`` (False: nothing happens before ``step()``, as in torchao), ``workers`` (CPU threads),
-    ``trace`` (record every copy and step in ``self.trace`` for tests).
+    ``trace`` (record every copy, launch and step, with perf_counter times, in ``self.trace``).
     """
 
     def __init__(self, params: Iterable, optimizer_class: type, cfg: Any = None, *, gradient_accumulation_steps: int = 1,
@@ -257,7 +258,7 @@ class OffloadOptimizer(Optimizer):
         s.launched, s.in_backward = True, in_backward
         g = s.param.grad
         if self.trace is not None:
-            self.trace.append(("launch", s.index, "backward" if in_backward else "step"))
+            self.trace.append(("launch", s.index, "backward" if in_backward else "step", time.perf_counter()))
         if not s.on_host:
             return  # stepped on the device in step()
         # A fingerprint (one reduction, on the device) to tell a real later change from a x1.0.
@@ -313,7 +314,7 @@ class OffloadOptimizer(Optimizer):
         finally:
             t.grad = None
         if self.trace is not None:
-            self.trace.append(("step", s.index, threading.current_thread().name))
+            self.trace.append(("step", s.index, threading.current_thread().name, time.perf_counter()))
 
     # ------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -366,7 +367,7 @@ class OffloadOptimizer(Optimizer):
             if t is not s.param:
                 t.grad = None
         if self.trace is not None:
-            self.trace.append(("step", s.index, "device"))
+            self.trace.append(("step", s.index, "device", time.perf_counter()))
 
     def _clip(self, slots: list) -> torch.Tensor:
         """clip_grad_norm_'s total norm and clamped coefficient, over this optimizer's gradients."""
