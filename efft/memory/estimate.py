@@ -483,30 +483,61 @@ def activation_bytes(
 
 
 # ------------------------------------------------------------------------------ optimizer state
-def _lowrank_state(shape: tuple[int, int], param_bytes: int, o, rank: int) -> tuple[int, int]:
-    """(state bytes, workspace bytes) for one 2-D low-rank parameter, as efft/optim stores it."""
+def _lowrank_state(shape: tuple[int, int], param_bytes: int, o, rank: int, projector: Optional[str] = None,
+                   bits: Optional[int] = None) -> tuple[int, int]:
+    """(state bytes, workspace bytes) for one 2-D low-rank parameter, as efft/optim stores it:
+    float32 moments of the projected shape, the basis (parameter dtype) when it is stored (GaLore;
+    APOLLO / FRUGAL with ``svd``), APOLLO's norm-growth scalar; FRUGAL ``block``: moments of the
+    ``density`` share of rows/columns of the larger side."""
+    projector = projector or o.projector
+    bits = o.state_bits if bits is None else bits
     m, n = shape
     r = min(rank, m, n)
     side = _side(shape, o.proj_type)
     proj_shape = (r, n) if side == "left" else (m, r)
     basis_shape = (m, r) if side == "left" else (r, n)
-    moments = 2 * _moment_bytes(proj_shape[0] * proj_shape[1], o.state_bits)
+    moments = 2 * _moment_bytes(proj_shape[0] * proj_shape[1], bits)
     name = o.name
     if name == "galore":
         return moments + param_bytes * basis_shape[0] * basis_shape[1], 4 * m * n
     if name in ("apollo", "apollo_mini"):
-        basis = param_bytes * basis_shape[0] * basis_shape[1] if o.projector == "svd" else 0
+        basis = param_bytes * basis_shape[0] * basis_shape[1] if projector == "svd" else 0
         limiter = 4 if o.norm_growth_limit is not None else 0
         return moments + basis + limiter, 4 * m * n + param_bytes * basis_shape[0] * basis_shape[1]
     if name == "frugal":
-        if o.projector == "block":
+        if projector == "block":
             dim = 0 if m >= n else 1
             k = max(1, min(shape[dim], round(o.density * shape[dim])))
             sub = k * (n if dim == 0 else m)
-            return 2 * _moment_bytes(sub, o.state_bits), 4 * m * n
-        basis = param_bytes * basis_shape[0] * basis_shape[1] if o.projector == "svd" else 0
+            return 2 * _moment_bytes(sub, bits), 4 * m * n
+        basis = param_bytes * basis_shape[0] * basis_shape[1] if projector == "svd" else 0
         return moments + basis, 4 * m * n
     raise ValueError(f"optimizer {name!r} has no low-rank state")
+
+
+_DEFAULT_PROJECTOR = {"galore": "svd", "apollo": "random", "apollo_mini": "random", "frugal": "block"}
+_NEVER_LOWRANK = ("lm_head", "embed", "wte", "wpe", "lora_", "modules_to_save")
+
+
+def _int8_layers_are_lowrank() -> bool:
+    """Whether efft.optim's factory projects the int8 layers' gradient carriers (it projects only
+    Linear-like modules); asked of the code itself so the planner follows it when it changes."""
+    try:
+        from efft.optim.factory import _linear_like
+        from efft.quant.trainable import Int8TrainableLinear
+
+        return bool(_linear_like(Int8TrainableLinear(8, 8, False, device="meta")))
+    except Exception:
+        return False
+
+
+def _efft_8bit_available() -> bool:
+    try:
+        from efft.optim import moments
+
+        return 8 in moments.BITS
+    except Exception:
+        return False
 
 
 def _side(shape, proj_type: str) -> str:
@@ -727,41 +758,61 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         gradients = sum(grad_sizes)
 
     # ------------------------------------------------------------------------- optimizer state
+    # Mirrors efft.optim.factory: adamw -> torch.optim.AdamW (moments in the parameter's dtype + a
+    # float32 step tensor), adamw8bit or adamw + 8-bit -> bitsandbytes AdamW8bit, adamw layer-wise
+    # and the projected optimizers -> efft's (float32 moments, python-int steps). Low-rank: trainable
+    # 2-D weights of Linear layers, never embeddings / LM head / adapters.
+    projected = o.name in ("galore", "apollo", "apollo_mini", "frugal")
+    projector = o.projector if "projector" in o.model_fields_set else _DEFAULT_PROJECTOR.get(o.name, o.projector)
     lowrank_names = set()
-    if o.name in ("galore", "apollo", "apollo_mini", "frugal"):
+    if projected:
+        int8_lowrank = _int8_layers_are_lowrank() if int8_train else True
         for name, mod in linears:
-            if name in out_names or _name_matches(name, o.exclude_modules) or any(x in name for x in o.exclude_modules):
+            if name in out_names or any(tag in name for tag in _NEVER_LOWRANK) or any(x in name for x in o.exclude_modules):
+                continue
+            if name in quantized and not (int8_train and int8_lowrank):
                 continue
             if o.target_modules == "all-linear" or any(tm in name for tm in o.target_modules):
                 lowrank_names.add(name + ".weight")
+        if int8_train and not int8_lowrank:
+            notes.append("efft.optim treats the int8 layers' gradient carriers as plain AdamW parameters (full-size "
+                         "float32 moments), not low-rank: the factory does not recognise Int8TrainableLinear as a Linear")
     rank = 1 if o.name == "apollo_mini" else o.rank
+    bnb8 = o.name == "adamw8bit" or (o.name == "adamw" and o.state_bits == 8 and not o.layerwise)
+    torch_adamw = o.name == "adamw" and o.state_bits == 32 and not o.layerwise
+    efft_bits = 32 if bnb8 or torch_adamw else o.state_bits
+    if efft_bits == 8 and not _efft_8bit_available():
+        notes.append("8-bit moments are not available yet in efft.optim (moments.BITS); predicted with the planned "
+                     "layout: 1 byte per element + a float32 absmax per 256")
     opt_state = 0
     step_ws = 0
-    plain_numel = 0
+    plain_bytes_tmp = 0
+    any_8bit = False
     for pname, shape, gb in train_params:
         numel = math.prod(shape)
         if pname in lowrank_names and len(shape) == 2:
-            st, ws = _lowrank_state(shape, gb, o, rank)
+            st, ws = _lowrank_state(shape, gb, o, rank, projector, efft_bits)
             opt_state += st
             step_ws = max(step_ws, ws)
-        elif o.name == "adamw8bit":
-            if numel >= 4096:
-                opt_state += 2 * numel + 2 * 4 * -(-numel // 256) + 2 * 256 * 4
+        elif bnb8:
+            if numel >= 4096:  # bitsandbytes' min_8bit_size
+                opt_state += 2 * numel + 2 * 4 * -(-numel // 256)
+                any_8bit = True
             else:
                 opt_state += 2 * 4 * numel
-            plain_numel += numel
+        elif torch_adamw:
+            opt_state += 2 * gb * numel + 4
+            plain_bytes_tmp += gb * numel  # foreach sqrt(v) over the group: one moment-sized temporary
         else:
-            # torch AdamW: moments in the parameter's dtype + a float32 step tensor;
-            # efft's optimizers: float32 moments (for bf16 parameters too), python-int step.
-            if o.name == "adamw" and o.state_bits == 32:
-                opt_state += 2 * gb * numel + 4
-            else:
-                opt_state += 2 * _moment_bytes(numel, o.state_bits)
-            plain_numel += numel
+            opt_state += 2 * _moment_bytes(numel, efft_bits)
+            # efft's foreach AdamW part: float32 copies of non-fp32 gradients + sqrt(v)
+            plain_bytes_tmp += (4 if gb == 4 else 8) * numel
+    if any_8bit:
+        opt_state += 2 * 256 * 4  # the two quantization maps, shared by all parameters
     if o.layerwise:
-        step_ws = max(step_ws, 4 * max(math.prod(s) for _, s, _ in train_params))
+        step_ws = max(step_ws, 8 * max(math.prod(s) for _, s, _ in train_params))
     else:
-        step_ws = max(step_ws, 4 * plain_numel)  # foreach sqrt(v): one moment-sized temporary
+        step_ws = max(step_ws, plain_bytes_tmp)
     host = 0
     if off.optimizer:
         host += opt_state
@@ -893,7 +944,8 @@ def _candidates(r) -> list[tuple[float, str, list[tuple[str, Any]]]]:
                   [("train.per_device_train_batch_size", nb),
                    ("train.gradient_accumulation_steps", t.gradient_accumulation_steps * t.per_device_train_batch_size // nb)]))
         bs = nb
-    if o.state_bits == 32 and o.name != "adamw8bit":
+    if o.state_bits == 32 and o.name != "adamw8bit" and (
+            (o.name == "adamw" and not o.layerwise) or _efft_8bit_available()):
         c.append((4, "8-bit optimizer moments", [("optim.state_bits", 8)]))
     if not o.layerwise and o.name != "adamw8bit":
         c.append((4.5, "layer-wise optimizer updates (one parameter's gradient alive)", [("optim.layerwise", True)]))
@@ -920,12 +972,12 @@ def _candidates(r) -> list[tuple[float, str, list[tuple[str, Any]]]]:
 def _apply(r, changes: list[tuple[str, Any]]):
     from efft import config as C
 
-    d = C.recipe_to_dict(r)
+    d = r.model_dump(mode="json", exclude_unset=True)  # keeps "not set" distinct (factory defaults)
     for key, value in changes:
         node = d
         parts = key.split(".")
         for p in parts[:-1]:
-            node = node[p]
+            node = node.setdefault(p, {})
         node[parts[-1]] = value
     new = C.Recipe.model_validate(d)
     if C._combination_problems(new):
