@@ -52,11 +52,15 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
     return model
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the model's trainable parameters (offloaded if asked)."""
+def build_optimizer(model: nn.Module, recipe: Recipe, train=None) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the model's trainable parameters (offloaded if asked).
+
+    Learning rate, weight decay, betas, eps, clipping and accumulation come from ``train``: the
+    user's ``TrainingArguments`` under the plugin, the recipe's ``train`` section (same names) in
+    the CLI, so Trainer's scheduler and the optimizer agree."""
     from efft.optim.factory import build_optimizer as _build
 
-    t = recipe.train
+    t = train if train is not None else recipe.train
     kwargs = dict(
         lr=t.learning_rate,
         weight_decay=t.weight_decay,

@@ -116,19 +116,26 @@ class EfftPlugin:
 
         return prepare_model(model, self.recipe)
 
-    def create_optimizer(self, model) -> torch.optim.Optimizer:
+    def create_optimizer(self, model, args: TrainingArguments | None = None) -> torch.optim.Optimizer:
+        """The recipe's optimizer; lr, weight decay, betas, eps, clipping and accumulation are read
+        from ``args`` when given (else from the recipe's ``train`` section)."""
         from efft.compose import build_optimizer
 
-        return build_optimizer(model, self.recipe)
+        return build_optimizer(model, self.recipe, args)
 
     def training_arguments(self, **overrides) -> TrainingArguments:
         """TrainingArguments from the recipe's ``train`` section (keyword overrides win)."""
         return training_arguments(self.recipe, **overrides)
 
-    def trainer_kwargs(self, model) -> dict:
-        """``optimizers`` and ``callbacks`` for ``Trainer(...)``; the scheduler is left to Trainer."""
+    def trainer_kwargs(self, model, args: TrainingArguments | None = None) -> dict:
+        """``optimizers`` and ``callbacks`` for ``Trainer(...)``; the scheduler is left to Trainer.
+
+        Pass the ``TrainingArguments`` you give Trainer: the optimizer takes its hyper-parameters
+        from them, and settings that contradict the recipe are refused here, all at once."""
+        if args is not None:
+            check_training_arguments(self.recipe, args)
         self.callback = EfftCallback()
-        optimizer = self.create_optimizer(model)
+        optimizer = self.create_optimizer(model, args)
         # Optimizers that update inside backward (layer-wise, offloaded) bring the callbacks that tie
         # them to Trainer's accumulation and clipping.
         extra = list(getattr(optimizer, "trainer_callbacks", lambda: [])())
@@ -137,6 +144,32 @@ class EfftPlugin:
     @staticmethod
     def last_checkpoint(output_dir) -> str | None:
         return last_checkpoint(output_dir)
+
+
+def check_training_arguments(recipe, args: TrainingArguments) -> None:
+    """Refuse TrainingArguments that contradict the recipe (raises RecipeError listing each)."""
+    from efft.config import RecipeError
+
+    problems = []
+    default_optim = TrainingArguments.__dataclass_fields__["optim"].default
+    if str(getattr(args.optim, "value", args.optim)) != str(getattr(default_optim, "value", default_optim)):
+        problems.append(("optim", f"TrainingArguments.optim={args.optim!r} would be ignored: the optimizer comes from the "
+                                  f"recipe's optim section ({recipe.optim.name}); leave TrainingArguments.optim at its default"))
+    q = recipe.quant
+    if q.type != "none" and args.fp16 and q.compute_dtype == "bfloat16":
+        problems.append(("quant.compute_dtype", "bfloat16 compute with TrainingArguments.fp16=True: use bf16=True or compute_dtype float16"))
+    if (recipe.optim.layerwise or recipe.offload.optimizer) and (args.deepspeed or args.fsdp):
+        problems.append(("optim.layerwise" if recipe.optim.layerwise else "offload.optimizer",
+                         "updates inside backward cannot run under DeepSpeed or FSDP; use DDP (torchrun) or turn it off"))
+    explicit = recipe.train.model_fields_set
+    for name in sorted(explicit):
+        if hasattr(args, name) and name not in ("output_dir", "report_to", "resume_from_checkpoint", "use_cpu"):
+            mine, theirs = getattr(recipe.train, name), getattr(args, name)
+            theirs = getattr(theirs, "value", theirs)  # enums such as SchedulerType
+            if mine != theirs:
+                problems.append((f"train.{name}", f"recipe says {mine!r}, TrainingArguments says {theirs!r}: set one"))
+    if problems:
+        raise RecipeError(problems, source="EfftPlugin + TrainingArguments")
 
 
 def _with_placeholders(d: dict) -> dict:

@@ -55,7 +55,7 @@ def test_plugin_in_plain_script_equals_efft_train(setup, tmp_path):
     plugin = EfftPlugin(SECTIONS)
     model = plugin.prepare_model(model)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=make_collator(tokenizer, recipe.data),
-                      **plugin.trainer_kwargs(model))
+                      **plugin.trainer_kwargs(model, args))
     # -----------------------------------------------------------------------------------------------
     trainer.train()
     script_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -63,3 +63,15 @@ def test_plugin_in_plain_script_equals_efft_train(setup, tmp_path):
     assert len(cli_losses) == 6
     assert script_losses == pytest.approx(cli_losses, rel=1e-6, abs=1e-7)
     assert cli_losses[-1] < cli_losses[0]
+
+
+def test_conflicting_training_arguments_are_listed(setup, tmp_path):
+    plugin = EfftPlugin({**SECTIONS, "train": {"learning_rate": 1e-3}, "quant": {"type": "int8", "trainable": True,
+                                                                                  "compute_dtype": "bfloat16"}})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", learning_rate=5e-4,
+                             optim="adafactor", fp16=False)
+    with pytest.raises(config.RecipeError) as e:
+        plugin.trainer_kwargs(torch.nn.Linear(2, 2), args)
+    paths = dict(e.value.problems)
+    assert "optim" in paths and "adafactor" in paths["optim"]
+    assert "train.learning_rate" in paths and "0.0005" in paths["train.learning_rate"]
