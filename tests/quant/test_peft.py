@@ -40,15 +40,18 @@ def _lora_grads(model, batch):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_lora_grads_match_lora_on_dequantized_fp32_model():
-    q = apply_lora(quantize_model(tiny_model("llama"), QCFG), ACFG)
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_lora_grads_match_lora_on_dequantized_fp32_model(kind):
+    acfg = dict(ACFG, type=kind)
+    q = apply_lora(quantize_model(tiny_model("llama"), QCFG), acfg)
     assert any(isinstance(m, QuantLoraLinear) for m in q.modules())
-    ref = apply_lora(_dequantized_reference(q.base_model.model), ACFG)
+    ref = apply_lora(_dequantized_reference(q.base_model.model), acfg)  # plain peft on nn.Linear
     _randomize_lora(q)
     _randomize_lora(ref)
     trainable = [n for n, p in q.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert len(trainable) == 2 * 7 * 2  # A and B for 7 projections x 2 layers
+    # A and B (and DoRA's magnitude) for 7 projections x 2 layers
+    assert len(trainable) == (3 if kind == "dora" else 2) * 7 * 2
     batch = tiny_batch()
     loss_q, g_q = _lora_grads(q, batch)
     loss_r, g_r = _lora_grads(ref, batch)
@@ -96,9 +99,10 @@ def _bnb_model_from(efft_model):
     return m
 
 
-def test_adapter_saved_from_efft_loads_onto_bitsandbytes_4bit_model(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_adapter_saved_from_efft_loads_onto_bitsandbytes_4bit_model(tmp_path, kind):
     base = quantize_model(tiny_model("llama"), QCFG)
-    model = apply_lora(base, ACFG)
+    model = apply_lora(base, dict(ACFG, type=kind))
     _randomize_lora(model)
     batch = tiny_batch()
     with torch.no_grad():
@@ -120,8 +124,9 @@ def test_adapter_saved_from_efft_loads_onto_bitsandbytes_4bit_model(tmp_path):
         torch.testing.assert_close(again(input_ids=batch["input_ids"]).logits, want, rtol=1e-6, atol=1e-6)
 
 
-def test_merged_full_precision_export():
-    model = apply_lora(quantize_model(tiny_model("llama"), QCFG), ACFG)
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_merged_full_precision_export(kind):
+    model = apply_lora(quantize_model(tiny_model("llama"), QCFG), dict(ACFG, type=kind))
     _randomize_lora(model)
     batch = tiny_batch()
     with torch.no_grad():
