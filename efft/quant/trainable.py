@@ -100,17 +100,21 @@ class _Int8LinearFn(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------- module
-class Int8TrainableLinear(nn.Module):
+class Int8TrainableLinear(nn.Linear):
     """A Linear whose weight is int8 codes + float32 block scales, trained through a grad carrier.
 
     ``rounding``: "stochastic" (default) or "nearest" (the ablation that loses small updates).
     ``shrink``: a block is re-gridded when its absmax falls below this fraction of its range.
+    It subclasses ``nn.Linear`` (without running its __init__, which would allocate a float weight) so
+    that code selecting Linear layers with ``isinstance`` (efft's optimizer factory putting 2-D Linear
+    weights in low-rank groups) treats it as one; code that needs a plain float Linear checks
+    ``type(m) is nn.Linear`` and leaves it alone.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
                  compute_dtype: torch.dtype = torch.float32, seed: int = 0, rounding: str = "stochastic",
                  shrink: float = 0.5, device=None):
-        super().__init__()
+        nn.Module.__init__(self)
         if rounding not in ("stochastic", "nearest"):
             raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {rounding!r}")
         self.in_features, self.out_features = in_features, out_features
@@ -170,6 +174,12 @@ class Int8TrainableLinear(nn.Module):
             self._materialized = False
             raise FloatingPointError(f"{self._name or 'Int8TrainableLinear'}: non-finite weight after the update; "
                                      "the int8 weight was left unchanged")
+        if torch.equal(w, self.dequantize(torch.float32)):
+            # nothing was updated (materialized for an optimizer that only accumulated): leave the
+            # codes and the rounding stream alone, so the stream depends on updates only
+            self.weight.data = _carrier_data(self.weight.shape, w.device)
+            self._materialized = False
+            return
         seed, counter = (int(v) for v in self.sr_state.tolist())
         codes, scale, _ = requantize(w, self.weight_codes, self.weight_scale, self.blocksize, self.rounding,
                                      shrink=self.shrink, seed=mix_seed(seed, counter))
@@ -264,9 +274,13 @@ _hooks: list = []
 
 def _pre_step(opt, args, kwargs):
     todo = []
+    # efft's LayerwiseOptimizer.step() may apply gradients it accumulated in a projected space
+    # (GaLore, short accumulation cycle) for parameters whose .grad is already None.
+    pending = getattr(opt, "_acc", None)
+    pending = pending if isinstance(pending, dict) else {}
     for g in opt.param_groups:
         for p in g["params"]:
-            if p.grad is not None and is_int8_carrier(p):
+            if (p.grad is not None or p in pending) and is_int8_carrier(p):
                 layer = _owner(p)
                 if layer is not None and not layer._materialized:
                     layer.materialize()

@@ -1,0 +1,129 @@
+"""Int8 trainable weights with efft's optimizer factory (all four optimizers, layer-wise or not) and
+with the recipe -> Trainer path (efft.train.train), including an exact resume."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from efft import config
+from efft.config import OptimConfig
+from efft.optim.factory import build_optimizer
+from efft.quant.trainable import Int8TrainableLinear, int8_layers
+from tests.quantized_ft.helpers import assert_same_state, batches, int8_model, int8_state
+
+
+def _run(model, opt, data, accumulate=1):
+    for i in range(0, len(data), accumulate):
+        for b in data[i:i + accumulate]:
+            (model(**b).loss / accumulate).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _build(model, layerwise, accumulate=1, **cfg):
+    return build_optimizer(model, OptimConfig(layerwise=layerwise, **cfg), lr=2e-3,
+                           gradient_accumulation_steps=accumulate, max_grad_norm=0.0)
+
+
+def test_factory_puts_int8_weights_in_low_rank_groups():
+    model = int8_model()
+    opt = _build(model, False, name="apollo_mini")
+    carriers = {id(m.weight) for m in int8_layers(model)}
+    low = [g for g in opt.param_groups if "rank" in g]
+    assert len(low) == 1 and {id(p) for p in low[0]["params"]} == carriers
+
+
+def test_factory_layerwise_apollo_mini_equals_its_whole_step_mode():
+    data = batches(3)
+    a, b = int8_model(), int8_model()
+    _run(a, _build(a, False, name="apollo_mini"), data)
+    opt = _build(b, True, name="apollo_mini")
+    _run(b, opt, data)
+    assert_same_state(a, b)
+    assert not any(m._materialized for m in int8_layers(b))
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore", "apollo", "frugal"])
+def test_every_efft_optimizer_trains_int8_weights_layerwise_and_not(name):
+    data = batches(4)
+    extra = {"rank": 8, "update_proj_gap": 2} if name != "adamw" else {}
+    for layerwise in (False, True):
+        model = int8_model()
+        before = int8_state(model)
+        opt = _build(model, layerwise, name=name, **extra)
+        with torch.no_grad():
+            l0 = sum(model(**b).loss.item() for b in data)
+        _run(model, opt, data * 3)
+        with torch.no_grad():
+            l1 = sum(model(**b).loss.item() for b in data)
+        after = int8_state(model)
+        changed = sum(int((after[k][0] != before[k][0]).sum()) for k in after)
+        assert changed > 0 and l1 < l0 - 0.05, (name, layerwise, l0, l1, changed)
+        assert all(m.weight.untyped_storage().nbytes() == 4 for m in int8_layers(model))
+
+
+def test_factory_layerwise_galore_with_accumulation_matches_one_large_batch():
+    full = batches(2, batch=4)
+    halves = []
+    for b in full:
+        halves += [{k: v[:2] for k, v in b.items()}, {k: v[2:] for k, v in b.items()}]
+    a, b = int8_model(), int8_model()
+    _run(a, _build(a, True, name="galore", rank=8), full)
+    _run(b, _build(b, True, accumulate=2, name="galore", rank=8), halves, accumulate=2)
+    sa, sb = int8_state(a), int8_state(b)
+    diff = total = 0
+    for k in sa:
+        d = (sa[k][0].int() - sb[k][0].int()).abs()
+        assert d.max() <= 1, k
+        diff += int((d > 0).sum())
+        total += d.numel()
+    assert diff <= 1e-3 * total, (diff, total)
+
+
+TINY = {"model_type": "llama", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def _recipe(data_path, out, **train):
+    t = {"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
+         "logging_steps": 1, "save_steps": 3, "seed": 3, "lr_scheduler_type": "cosine", "warmup_steps": 1,
+         "gradient_checkpointing": True}
+    t.update(train)
+    return config.validate({
+        "model": {"config": TINY}, "data": {"path": str(data_path), "max_seq_length": 64}, "train": t,
+        "quant": {"type": "int8", "trainable": True, "compute_dtype": "float32"},
+        "optim": {"name": "apollo_mini", "layerwise": True},
+        "sparsity": {"loss_tokens": {"enabled": True}},
+    })
+
+
+def test_recipe_trains_through_trainer_and_resumes_exactly(tmp_path):
+    from transformers import TrainerCallback
+
+    from efft.train import train
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= 3:
+                control.should_training_stop = True
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"Add {a} and {b}.", "output": f"Answer: {a + b}"} for a in range(6) for b in range(6)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    full = train(_recipe(data, tmp_path / "full"))
+    assert full["global_step"] == 6 and full["last_loss"] < full["first_loss"]
+    part = tmp_path / "part"
+    first = train(_recipe(data, part), trainer_hook=lambda tr: tr.add_callback(StopAt()))
+    assert first["global_step"] == 3
+    second = train(_recipe(data, part, resume_from_checkpoint=True))
+    assert second["global_step"] == 6
+    curve = lambda c: [l for _, l in c["loss_curve"]]  # noqa: E731
+    assert curve(second) == curve(full)
+    # the final model files (int8 codes, scales, rounding-stream state) are bit-identical
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(part / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and any(k.endswith("weight_codes") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert all(a[k].dtype == torch.int8 for k in a if k.endswith("weight_codes"))
