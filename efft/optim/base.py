@@ -217,6 +217,12 @@ class ProjectedOptimizer(Optimizer):
         raise NotImplementedError(f"{type(self).__name__} must implement _update_lowrank")
 
     # ------------------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch replaces the group dicts: point every parameter at its new group, or schedulers
+        # (which write into the new dicts) would no longer reach the low-rank updates.
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+
     @staticmethod
     def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
         # Keep saved dtypes (fp32 moments of bf16 params, uint8 codes): move to the device only.

@@ -13,7 +13,14 @@ class OptimizerLogCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs is not None and "loss" in logs:
-            logs["skipped_nonfinite"] = self.optimizer.skipped_nonfinite
+            self._put(state, logs, "skipped_nonfinite", self.optimizer.skipped_nonfinite)
+
+    @staticmethod
+    def _put(state, logs: dict, key: str, value) -> None:
+        """Into the logs the reporters see and into the history entry Trainer already appended."""
+        logs[key] = value
+        if state.log_history and state.log_history[-1].get("loss") == logs.get("loss"):
+            state.log_history[-1][key] = value
 
 
 class LayerwiseCallback(OptimizerLogCallback):
@@ -35,4 +42,4 @@ class LayerwiseCallback(OptimizerLogCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         super().on_log(args, state, control, logs=logs, **kw)
         if logs is not None and "loss" in logs:
-            logs["grad_norm"] = self.optimizer.last_grad_norm
+            self._put(state, logs, "grad_norm", self.optimizer.last_grad_norm)

@@ -123,3 +123,18 @@ def test_state_dict_has_no_objects():
             assert isinstance(v, (torch.Tensor, int, float)), type(v)
     low, _ = split_params(m)
     assert opt.state[low[0]]["basis"].shape in {(4, 32), (16, 4), (32, 4)}
+
+
+def test_groups_after_load_state_dict_still_drive_updates():
+    """torch's load_state_dict swaps the group dicts (accelerate calls it on wrap): a scheduler
+    writing lr into the new dicts must still reach every update."""
+    m = model()
+    opt = GaLoreAdamW(groups(m, rank=4))
+    train(m, opt, 1)
+    opt.load_state_dict(opt.state_dict())
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+        g["weight_decay"] = 0.0
+    before = [p.detach().clone() for p in m.parameters()]
+    train(m, opt, 1, start=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
