@@ -182,6 +182,9 @@ class _LastBlockRows:
 
 
 def _install_last_block_mlp(lm: nn.Module, holder: _LastBlockRows) -> bool:
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if any(getattr(cfg, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return False  # routed experts: the block's output is not a plain per-row tensor map
     layers = decoder_layers(lm)
     mlp = getattr(layers[-1], "mlp", None) if layers is not None and len(layers) else None
     if not isinstance(mlp, nn.Module):

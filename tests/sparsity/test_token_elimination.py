@@ -8,7 +8,7 @@ from torch import nn
 
 from efft.sparsity.token_elimination import apply_token_elimination, choose_tokens
 from efft.sparsity.saved_bytes import SavedTensorBytes
-from tests.sparsity.task import arithmetic_batch, pretrained_base, train_losses
+from tests.sparsity.task import pretrained_base, train_losses
 from tests.tiny import tiny_batch, tiny_model
 
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
