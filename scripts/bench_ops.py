@@ -3,6 +3,8 @@
 
     python scripts/bench_ops.py                 # CUDA GPU: all shapes, writes cards/ops.md + cards/ops.json
     python scripts/bench_ops.py --cpu-smoke     # no GPU: Triton interpreter, tiny shapes, checks the script runs
+    python scripts/bench_ops.py --compile-check # no GPU needed: compile every autotune config for sm_90,
+                                                # report registers / spills / shared memory
 
 Shapes: Llama-3-8B linear layers given as in_features x out_features: 4096x4096 (q/o proj),
 4096x14336 (gate/up), 14336x4096 (down), tokens M in {1, 16, 512, 4096, 16384}, bf16, NF4 with
@@ -285,10 +287,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run tiny shapes on CPU under the Triton interpreter to check the script works")
+    ap.add_argument("--compile-check", action="store_true",
+                    help="compile every kernel config for an H100 (sm_90) ahead of time and report resources")
     ap.add_argument("--out", type=Path, default=None,
                     help="card path (default cards/ops.md on a GPU; the smoke run writes a card only when given)")
     ap.add_argument("--reps", type=int, default=None, help="timing: ms per do_bench on GPU, repetitions on CPU")
     args = ap.parse_args(argv)
+    if args.compile_check:
+        os.environ.pop("TRITON_INTERPRET", None)
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        sys.path.insert(0, str(ROOT))
+        from efft.ops._compile_check import compile_all, summary
+
+        rows = compile_all(full=True)
+        print(summary(rows))
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(rows, indent=1))
+        return 0 if all(r["ok"] and r["fits_smem"] for r in rows) else 1
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (efft.ops imports it lazily)
     import torch

@@ -48,38 +48,43 @@ def _absmax_tile(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask, BS2:
 @triton.jit
 def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, offs_n, k0, N, K,
                   BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-                  NESTED: tl.constexpr, EVEN_K: tl.constexpr, K_ALIGNED: tl.constexpr):
-    """fp32 tile W[offs_n, k0:k0+BK] (zeros outside [N, K])."""
-    offs_k = k0 + tl.arange(0, BK)
+                  NESTED: tl.constexpr, EVEN_K: tl.constexpr, K_ALIGNED: tl.constexpr, DT: tl.constexpr):
+    """Tile W[offs_n, k0:k0+BK] in dtype DT (zeros outside [N, K]); code[q] * absmax in fp32, then DT,
+    exactly like the reference dequantize."""
     mask_n = offs_n < N
-    if EVEN_K:
-        # every row starts on a byte: load BK/2 bytes a row and split them into two nibbles
-        offs_j = k0 // 2 + tl.arange(0, BK // 2)
+    if EVEN_K and K_ALIGNED and ((BK % BS == 0) or (BS % BK == 0)):
+        # Fast path: rows start on a byte and absmax blocks never cross a row or a tile edge. Work on
+        # the BK/2 bytes of each row: high nibbles = even columns, low = odd; both nibbles of a byte
+        # share one absmax block (BS is even). Only the final DT tile is interleaved (16-bit join).
+        HK: tl.constexpr = BK // 2
+        offs_j = k0 // 2 + tl.arange(0, HK)
         bmask = mask_n[:, None] & (offs_j[None, :] * 2 < K)
         b = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + offs_j[None, :], mask=bmask, other=0)
-        q = tl.join((b >> 4).to(tl.int32), (b & 15).to(tl.int32)).reshape(BN, BK)
+        vh = tl.load(code_ptr + (b >> 4).to(tl.int32))
+        vl = tl.load(code_ptr + (b & 15).to(tl.int32))
+        if BK % BS == 0:
+            NB: tl.constexpr = BK // BS
+            blk = (offs_n[:, None] * K + k0) // BS + tl.arange(0, NB)[None, :]
+            m = mask_n[:, None] & ((k0 + tl.arange(0, NB) * BS) < K)[None, :]
+            s = _absmax_tile(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, m, BS2, NESTED)
+            wh = (vh.reshape(BN, NB, BS // 2) * s[:, :, None]).reshape(BN, HK).to(DT)
+            wl = (vl.reshape(BN, NB, BS // 2) * s[:, :, None]).reshape(BN, HK).to(DT)
+        else:
+            blk = (offs_n * K + k0) // BS
+            s = _absmax_tile(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask_n & ((offs_n * 0 + k0) < K),
+                             BS2, NESTED)
+            wh = (vh * s[:, None]).to(DT)
+            wl = (vl * s[:, None]).to(DT)
+        w = tl.join(wh, wl).reshape(BN, BK)
     else:
+        # General path: any K (odd K: rows start mid-byte) and blocks crossing rows; per element.
+        offs_k = k0 + tl.arange(0, BK)
         f = offs_n[:, None] * K + offs_k[None, :]
-        b = tl.load(packed_ptr + (f >> 1), mask=mask_n[:, None] & (offs_k[None, :] < K), other=0).to(tl.int32)
-        q = (b >> ((1 - (f & 1)) * 4)) & 15
-    v = tl.load(code_ptr + q)
-    if K_ALIGNED and (BK % BS == 0):
-        # BK spans whole absmax blocks, none crossing a row: BK // BS scales a row
-        NB: tl.constexpr = BK // BS
-        blk = (offs_n[:, None] * K + k0) // BS + tl.arange(0, NB)[None, :]
-        m = mask_n[:, None] & ((k0 + tl.arange(0, NB) * BS) < K)[None, :]
-        s = _absmax_tile(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, m, BS2, NESTED)
-        w = (v.reshape(BN, NB, BS) * s[:, :, None]).reshape(BN, BK)
-    elif K_ALIGNED and (BS % BK == 0):
-        # the tile lies inside one absmax block a row
-        blk = (offs_n * K + k0) // BS
-        s = _absmax_tile(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask_n & ((offs_n * 0 + k0) < K), BS2, NESTED)
-        w = v * s[:, None]
-    else:
-        f2 = offs_n[:, None] * K + offs_k[None, :]
         m = mask_n[:, None] & (offs_k[None, :] < K)
-        s = _absmax_tile(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, f2 // BS, m, BS2, NESTED)
-        w = v * s
+        b = tl.load(packed_ptr + (f >> 1), mask=m, other=0).to(tl.int32)
+        q = (b >> ((1 - (f & 1)) * 4)) & 15
+        s = _absmax_tile(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, f // BS, m, BS2, NESTED)
+        w = (tl.load(code_ptr + q) * s).to(DT)
     return w
 
 
@@ -95,7 +100,7 @@ def _w_tile(w_ptr, stride_wn, stride_wk, packed_ptr, absmax_ptr, code_ptr, code2
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=m, other=0.0).to(DT)
     else:
         w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, offs_n, k0, N, K,
-                          BN, BK, BS, BS2, NESTED, EVEN_K, K_ALIGNED).to(DT)
+                          BN, BK, BS, BS2, NESTED, EVEN_K, K_ALIGNED, DT)
     return w
 
 
@@ -204,30 +209,30 @@ def _cfg(bm, bn, bk, split, warps, stages, group=8):
 
 
 def tile_configs():
-    """Training shapes: large BLOCK_M amortizes each dequantized W tile over many rows."""
+    """Training shapes: BLOCK_M rows share each dequantized W tile. Chosen by compiling for sm_90
+    (scripts/bench_ops.py --compile-check): W tile elements a thread <= 32 and fp32 accumulator
+    <= 64 registers a thread keep these under 255 registers without spills; larger tiles
+    (256x128, 128x256, BLOCK_K=128 with 8 warps) spill."""
     if interpreter():
         return [_cfg(32, 32, 64, 1, 4, 1)]
     return [
+        _cfg(128, 128, 64, 1, 8, 3),
         _cfg(128, 128, 64, 1, 8, 4),
-        _cfg(128, 256, 64, 1, 8, 3),
-        _cfg(256, 128, 64, 1, 8, 3),
-        _cfg(128, 128, 128, 1, 8, 3),
-        _cfg(64, 128, 64, 1, 4, 4),
-        _cfg(64, 64, 128, 1, 4, 4),
+        _cfg(64, 128, 64, 1, 8, 4),
+        _cfg(128, 64, 64, 1, 8, 4),
+        _cfg(128, 128, 32, 1, 8, 4),
     ]
 
 
 def splitk_configs():
-    """Decode shapes (M <= 64): memory-bound; split the reduction to put every SM on the weight stream."""
+    """Decode shapes (M <= 64): memory-bound on the packed weight; the reduction is split over the
+    grid so that even M = 1 puts every SM on the weight stream."""
     if interpreter():
         return [_cfg(16, 32, 64, 2, 4, 1)]
     out = []
-    for bn in (64, 128):
-        for bk in (128, 256):
-            for split in (1, 2, 4, 8):
-                out.append(_cfg(16, bn, bk, split, 4, 4))
-    out.append(_cfg(32, 64, 128, 4, 4, 4))
-    out.append(_cfg(64, 64, 128, 2, 4, 4))
+    for split in (1, 2, 4, 8):
+        out += [_cfg(16, 64, 128, split, 8, 4), _cfg(16, 64, 256, split, 8, 3), _cfg(16, 32, 256, split, 4, 4)]
+    out += [_cfg(32, 64, 128, 4, 8, 4), _cfg(64, 64, 128, 2, 8, 4)]
     return out
 
 

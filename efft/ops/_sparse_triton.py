@@ -61,10 +61,9 @@ def wgrad_configs(split: bool):
     if interpreter():
         return [_wcfg(32, 32, 32, 2 if split else 1, 4, 1)]
     if not split:
-        return [_wcfg(128, 128, 64, 1, 8, 3), _wcfg(128, 128, 32, 1, 4, 4), _wcfg(64, 128, 64, 1, 4, 4),
-                _wcfg(128, 256, 64, 1, 8, 3), _wcfg(256, 128, 64, 1, 8, 3)]
-    return [_wcfg(64, 64, 64, s, 4, 4) for s in (2, 4, 8, 16)] + [_wcfg(128, 128, 64, s, 8, 3) for s in (2, 4, 8)]
-
+        return [_wcfg(128, 128, 64, 1, 8, 3), _wcfg(128, 128, 32, 1, 8, 4), _wcfg(64, 128, 64, 1, 4, 4),
+                _wcfg(128, 64, 64, 1, 8, 4)]
+    return [_wcfg(64, 64, 64, s, 4, 4) for s in (2, 4, 8, 16)] + [_wcfg(128, 64, 64, s, 8, 3) for s in (2, 4, 8)]
 
 _WKEY = ["R_BUCKET", "N", "K"]
 _wgrad_store = triton.autotune(wgrad_configs(False), key=_WKEY)(_sparse_wgrad_kernel)
