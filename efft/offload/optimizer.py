@@ -154,7 +154,6 @@ class OffloadOptimizer(Optimizer):
         self.trace: Optional[list] = [] if trace else None
         self.mover = Mover(self.device, trace=self.trace)
         self.last_grad_norm: Optional[torch.Tensor] = None
-        self._lock = threading.Lock()
         self._migrated = False
 
         # The wrapper's groups are the user's (schedulers write lr there); Optimizer.__init__ is not
@@ -185,8 +184,11 @@ class OffloadOptimizer(Optimizer):
             s.version = s.param._version
         self._build_steppers()
         n = workers if workers is not None else max(1, min(4, (os.cpu_count() or 2) // 2))
-        nthreads = torch.get_num_threads()
-        # Same intra-op thread count as the caller: CPU reductions then give the same bits.
+        if n < 1:
+            raise ValueError(f"workers must be >= 1, got {n}")
+        # host == device: the caller's intra-op thread count, so CPU reductions give the same bits as
+        # without offload; with a GPU, the cores are shared among the workers.
+        nthreads = torch.get_num_threads() if not self.mover.cuda else max(1, (os.cpu_count() or 1) // n)
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="efft-offload",
                                         initializer=torch.set_num_threads, initargs=(nthreads,))
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._hook_for(s)) for s in self._slots if s.param.requires_grad]
@@ -332,9 +334,10 @@ class OffloadOptimizer(Optimizer):
             self._sync_groups()
             coef = self._clip(slots) if self.max_grad_norm else None
             if coef is not None:
+                coef_host = coef.cpu()
                 for s in slots:
                     if s.on_host:
-                        s.future = self._pool.submit(self._host_step, s, None, coef)
+                        s.future = self._pool.submit(self._host_step, s, None, coef_host)
             for s in slots:  # device-resident state: step here, while the workers run
                 if not s.on_host:
                     self._device_step(s, coef)
@@ -358,6 +361,8 @@ class OffloadOptimizer(Optimizer):
 
     def _device_step(self, s: _Slot, coef: Optional[torch.Tensor]) -> None:
         t, g = s.inner, s.param.grad
+        if g is None:
+            return
         if coef is not None:
             g.mul_(coef.to(g.device))
         t.grad = g  # t is the parameter, or (state moved back) a tensor sharing its storage
@@ -396,7 +401,9 @@ class OffloadOptimizer(Optimizer):
             if st and size < self.keep_small_bytes:
                 wait_cpu(s.h2d_event)
                 st.update(_move_state(st, self.device))
-                s.inner.data = s.param.data  # the inner optimizer now updates the parameter itself
+                # The inner optimizer's tensor (its key everywhere) becomes an alias of the parameter:
+                # from now on it updates the parameter in place, on the device.
+                torch.utils.swap_tensors(s.inner, s.param.detach())
                 s.on_host, s.gbuf, s.h2d_event = False, None, None
                 self.pool.forget_pinned(s.pinned_bytes)
                 if self.trace is not None:
