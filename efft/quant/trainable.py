@@ -11,24 +11,31 @@ Design (why it looks like this):
   (again in backward, so no dequantized copy lives between the two) and returns ``dW`` (float32)
   as the carrier's gradient. Optimizer state is therefore keyed on the carrier as usual, so any
   torch optimizer, efft's included, works unchanged and its ``state_dict`` stays ordinary.
-* An update needs a real weight for the few milliseconds it runs: ``materialize()`` swaps the
-  carrier's ``.data`` for the dequantized float32 weight, the optimizer updates it in place, and
-  ``commit()`` writes it back onto the codes with stochastic rounding (see
-  :mod:`efft.quant.stochastic`) and swaps the 4-byte carrier back in.
-* Who calls materialize/commit: a process-wide optimizer step pre/post hook
-  (``torch.optim.optimizer.register_optimizer_step_pre_hook``) does it for every int8 carrier that
-  has a gradient, for any ``Optimizer.step()``, so a plain ``AdamW(model.parameters())`` works.
-  With a whole-model step that briefly materializes every layer at once; for memory use
-  :class:`Int8LayerwiseOptimizer`, which updates each parameter inside backward (post-accumulate-
-  grad hook) through a per-parameter instance of any optimizer class (efft's APOLLO-Mini, GaLore,
-  FRUGAL, torch AdamW), so one layer's float32 gradient and weight exist at a time.
+* An update needs a real weight for the moment it runs: ``materialize()`` swaps the carrier's
+  ``.data`` for the dequantized float32 weight, the optimizer updates it in place, and ``commit()``
+  writes it back onto the codes with stochastic rounding (see :mod:`efft.quant.stochastic`) and
+  swaps the 4-byte carrier back in (a weight left unchanged is dropped without touching the codes).
+* Who calls materialize/commit, so that every optimizer works without knowing about int8:
+  - any ``Optimizer.step()``: a process-wide step pre/post hook does it for each int8 carrier with a
+    gradient (a whole-model step materializes every layer for the step's duration);
+  - :class:`Int8LayerwiseOptimizer` (recommended): updates each parameter inside backward through
+    the wrapped optimizer's ``update_param`` (efft) or a one-parameter ``step()`` (torch), so one
+    layer's float32 gradient and weight exist at a time;
+  - layer-wise optimizers that update in their own post-accumulate-grad hook (efft's
+    ``LayerwiseOptimizer``, the factory's ``layerwise: true``): the carrier's own hook, registered
+    first, materializes it, and the write-back happens when the next carrier's hook runs or at the
+    end of backward (at most two layers materialized);
+  - anything else: ``with int8_update(p): ...``.
 * Stochastic rounding uses counter-based seeds (layer seed, write-back counter), both saved with
-  the codes, so save/resume reproduces training bit for bit.
+  the codes (``sr_state``), so save/resume reproduces training bit for bit.
+* The layer subclasses ``nn.Linear`` (without its __init__) so the optimizer factory treats its
+  weight as a 2-D Linear weight (low-rank groups); code wanting a plain Linear tests ``type(m) is``.
 """
 from __future__ import annotations
 
 import math
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -41,7 +48,7 @@ from .stochastic import (QMAX, dequantize_int8_blockwise, mix_seed, n_blocks, qu
 __all__ = [
     "Int8TrainableLinear", "Int8LayerwiseOptimizer", "prepare_int8_training", "int8_layers",
     "export_full_precision", "save_int8_checkpoint", "load_int8_checkpoint", "int8_training_problems",
-    "validate_int8_training", "is_int8_carrier", "EMBEDDING_MODES",
+    "validate_int8_training", "is_int8_carrier", "int8_update", "full_precision_state_dict", "EMBEDDING_MODES",
 ]
 
 EMBEDDING_MODES = ("frozen", "trainable")
@@ -260,6 +267,22 @@ class Int8TrainableLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, compute_dtype={self.compute_dtype}, rounding={self.rounding}")
+
+
+@contextmanager
+def int8_update(p: torch.Tensor):
+    """``with int8_update(p): <update p in place>``: for an int8 carrier, gives it the float32 weight
+    and writes the result back (stochastic rounding) on exit; for any other tensor, does nothing.
+    The entry point for optimizers that update parameters outside ``Optimizer.step()``."""
+    layer = _owner(p) if is_int8_carrier(p) else None
+    if layer is None:
+        yield p
+        return
+    layer.materialize()
+    try:
+        yield p
+    finally:
+        layer.commit()
 
 
 def int8_layers(model: nn.Module) -> list[Int8TrainableLinear]:

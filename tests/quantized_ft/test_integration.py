@@ -127,3 +127,29 @@ def test_recipe_trains_through_trainer_and_resumes_exactly(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert all(a[k].dtype == torch.int8 for k in a if k.endswith("weight_codes"))
+
+
+def test_bfloat16_model_with_bfloat16_compute_trains():
+    """The 8B recipe's precision: bf16 model (norms, frozen embedding/head), bf16 matmuls, float32
+    gradients, update and block scales for the int8 weights."""
+    from efft.quant.trainable import prepare_int8_training
+    from tests.quantized_ft.helpers import int8_cfg
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    cfg = int8_cfg()
+    cfg.compute_dtype = "bfloat16"
+    prepare_int8_training(model, cfg)
+    layer = int8_layers(model)[0]
+    assert layer.compute_dtype == torch.bfloat16 and layer.weight_scale.dtype == torch.float32
+    opt = _build(model, True, name="apollo_mini")
+    data = batches(2)
+    with torch.no_grad():
+        l0 = sum(model(**b).loss.float().item() for b in data)
+    _run(model, opt, data * 4)
+    with torch.no_grad():
+        out = model(**data[0])
+        l1 = sum(model(**b).loss.float().item() for b in data)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert l1 < l0 - 0.05, (l0, l1)
+    assert opt.state[layer.weight]["exp_avg"].dtype == torch.float32

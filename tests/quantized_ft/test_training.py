@@ -160,3 +160,20 @@ def test_export_full_precision_loads_as_the_original_architecture(tmp_path):
     assert plain16.dtype == torch.bfloat16
     # the int8 model survives the export untouched
     assert all(m.weight.untyped_storage().nbytes() == 4 for m in int8_layers(model))
+
+
+def test_int8_update_context_for_custom_update_code():
+    from efft.quant.trainable import int8_update
+
+    layer = Int8TrainableLinear.from_linear(nn.Linear(64, 16, bias=False))
+    codes0 = layer.weight_codes.clone()
+    step = layer.weight_scale.repeat_interleave(64).view(16, 64)
+    inner = (codes0.abs() <= 100).float()  # away from the range edge: no block is re-gridded
+    with torch.no_grad(), int8_update(layer.weight) as p:
+        assert p.untyped_storage().nbytes() == 16 * 64 * 4  # a real float32 weight inside
+        p.add_(2 * step * inner)  # exactly two quantization steps up
+    assert torch.equal(layer.weight_codes, codes0 + 2 * inner.to(torch.int8))
+    assert layer.weight.untyped_storage().nbytes() == 4
+    other = torch.zeros(3)
+    with int8_update(other) as q:  # not a carrier: a no-op context
+        assert q is other
