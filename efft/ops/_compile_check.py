@@ -59,10 +59,10 @@ def jobs(full: bool = True) -> Iterable[tuple]:
                dict(quant, **bw, ATOMIC=True, DOT_FP32_IEEE=False, **c.kwargs), c.num_warps, c.num_stages)
     for c in pick(st.wgrad_configs(False)):
         yield ("wgrad/store", st._sparse_wgrad_kernel, _sig_wgrad("*bf16", "*fp32"),
-               dict(HAS_SCALE=True, ATOMIC=False, DOT_FP32_IEEE=False, **c.kwargs), c.num_warps, c.num_stages)
+               dict(HAS_SCALE=True, X_COMPACT=False, ATOMIC=False, DOT_FP32_IEEE=False, **c.kwargs), c.num_warps, c.num_stages)
     for c in pick(st.wgrad_configs(True)):
         yield ("wgrad/split", st._sparse_wgrad_kernel, _sig_wgrad("*bf16", "*fp32"),
-               dict(HAS_SCALE=False, ATOMIC=True, DOT_FP32_IEEE=False, **c.kwargs), c.num_warps, c.num_stages)
+               dict(HAS_SCALE=False, X_COMPACT=True, ATOMIC=True, DOT_FP32_IEEE=False, **c.kwargs), c.num_warps, c.num_stages)
     # the other code paths, once each: per-element dequant (odd K, blocks crossing rows), fp32 and
     # fp16 activations, sparse input grad (dense W gathered/scattered, 4-bit W gathered)
     c = tk.tile_configs()[0]

@@ -16,10 +16,12 @@ from ._dispatch import interpreter
 @triton.jit
 def _sparse_wgrad_kernel(dy_ptr, x_ptr, idx_ptr, scale_ptr, dw_ptr, R, N, K, stride_dym, stride_dyn,
                          stride_xm, stride_xk, stride_dwn, stride_dwk, R_BUCKET,
-                         HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DOT_FP32_IEEE: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, X_COMPACT: tl.constexpr, ATOMIC: tl.constexpr,
+                         DOT_FP32_IEEE: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                          SPLIT_R: tl.constexpr, GROUP_M: tl.constexpr):
-    """dW[N, K] = sum_r scale[r] * dY[idx[r], :]^T X[idx[r], :]; rows gathered in-kernel.
+    """dW[N, K] = sum_r scale[r] * dY[idx[r], :]^T X[xr, :] with xr = r if X_COMPACT else idx[r];
+    rows gathered in-kernel.
     SPLIT_R splits the row reduction over the grid (ATOMIC fp32 output) when N x K has few tiles."""
     pid_n, pid_k = _tile_ids(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
     pid_r = tl.program_id(1)
@@ -36,7 +38,11 @@ def _sparse_wgrad_kernel(dy_ptr, x_ptr, idx_ptr, scale_ptr, dw_ptr, R, N, K, str
         if HAS_SCALE:
             sc = tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
             dy = (dy.to(tl.float32) * sc[:, None]).to(DT)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        if X_COMPACT:
+            xrows = offs_r.to(tl.int64)
+        else:
+            xrows = rows
+        x = tl.load(x_ptr + xrows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0).to(DT)
         if DOT_FP32_IEEE:
             acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
@@ -72,8 +78,9 @@ _FEW_TILES = 256  # below this many 128x128 output tiles, split the row reductio
 
 
 def sparse_weight_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, row_scale: Optional[torch.Tensor],
-                       out_dtype: torch.dtype, config: Optional[dict] = None) -> torch.Tensor:
-    """dW [N, K] from the rows ``idx`` of dy [R, N] and x [R, K] (2-D views, any strides).
+                       out_dtype: torch.dtype, config: Optional[dict] = None, x_compact: bool = False) -> torch.Tensor:
+    """dW [N, K] from the rows ``idx`` of dy [R, N] and of x [R, K] (or x's rows 0..len(idx)-1 when
+    x_compact); 2-D views, any strides.
 
     The dot runs in dy's dtype (x is cast in-kernel) with fp32 accumulation."""
     n, k = dy.shape[1], x.shape[1]
@@ -88,7 +95,7 @@ def sparse_weight_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, row
           else torch.empty((n, k), device=dy.device, dtype=out_dtype))
     args = (dy, x, idx, row_scale if row_scale is not None else dy, dw, r, n, k, dy.stride(0), dy.stride(1),
             x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), _m_bucket(r))
-    kwargs = dict(HAS_SCALE=row_scale is not None, ATOMIC=split, DOT_FP32_IEEE=_ieee(dy.dtype))
+    kwargs = dict(HAS_SCALE=row_scale is not None, X_COMPACT=x_compact, ATOMIC=split, DOT_FP32_IEEE=_ieee(dy.dtype))
 
     def grid(c):
         return (triton.cdiv(n, c["BLOCK_N"]) * triton.cdiv(k, c["BLOCK_K"]), c["SPLIT_R"])

@@ -54,26 +54,32 @@ def _reason(tensors, dtype) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------- weight grad
-def sparse_weight_grad_reference(dy, x, idx, row_scale=None, out_dtype=None):
-    """Plain torch: gather the kept rows, then dY[idx]^T X[idx] in dy's dtype."""
+def sparse_weight_grad_reference(dy, x, idx, row_scale=None, out_dtype=None, x_compact=False):
+    """Plain torch: gather the kept rows, then dY[idx]^T X[idx] (X itself when x_compact) in dy's dtype."""
     dy2, x2 = _rows(dy, "dy"), _rows(x, "x")
     d = dy2.index_select(0, idx)
     if row_scale is not None:
         d = (d.float() * row_scale.float()[:, None]).to(dy.dtype)
-    dw = d.t() @ x2.index_select(0, idx).to(dy.dtype)
+    xs = x2 if x_compact else x2.index_select(0, idx)
+    dw = d.t() @ xs.to(dy.dtype)
     return dw.to(out_dtype or dy.dtype)
 
 
 def sparse_weight_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, row_scale: Optional[torch.Tensor] = None,
-                       out_dtype: Optional[torch.dtype] = None, impl: str = "auto") -> torch.Tensor:
-    """dW [N, K] = sum over kept rows i of row_scale[i] * dy[i]^T x[i].
+                       out_dtype: Optional[torch.dtype] = None, impl: str = "auto",
+                       x_compact: bool = False) -> torch.Tensor:
+    """dW [N, K] = sum over i of row_scale[i] * dy[idx[i]]^T x[idx[i]].
 
-    dy [..., N], x [..., K] with the same leading shape; idx 1-D int indices into the flattened rows;
-    row_scale optional [len(idx)] weights; out_dtype defaults to dy.dtype (fp32 for accumulation
-    into an fp32 master gradient)."""
+    dy [..., N], x [..., K] with the same leading shape; idx 1-D int indices into the flattened rows
+    (repeats allowed: they add up, as sampling with replacement needs); row_scale optional
+    [len(idx)] weights; out_dtype defaults to dy.dtype (fp32 for an fp32 master gradient).
+    x_compact=True: x holds only the kept rows ([len(idx), K], e.g. the rows saved in forward) and
+    row i of x pairs with dy[idx[i]]."""
     dy2, x2 = _rows(dy, "dy"), _rows(x, "x")
-    if dy2.shape[0] != x2.shape[0]:
-        raise ValueError(f"dy and x must have the same rows; got dy {tuple(dy.shape)} and x {tuple(x.shape)}")
+    want = idx.numel() if x_compact else dy2.shape[0]
+    if x2.shape[0] != want:
+        what = "len(idx) rows (x_compact=True)" if x_compact else "the same rows as dy"
+        raise ValueError(f"x must have {what}; got dy {tuple(dy.shape)}, x {tuple(x.shape)}, {idx.numel()} indices")
     _check_idx(idx, dy.device)
     if row_scale is not None and (row_scale.dim() != 1 or row_scale.numel() != idx.numel()):
         raise ValueError(f"row_scale must have shape [{idx.numel()}] (one weight per kept row); got {tuple(row_scale.shape)}")
@@ -82,10 +88,10 @@ def sparse_weight_grad(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, row
     if reason is None and impl != "torch" and not x.is_floating_point():
         reason = f"expected floating-point x, got {x.dtype}"
     if resolve_impl(impl, "sparse_weight_grad", dy.device, reason) == "torch":
-        return sparse_weight_grad_reference(dy, x, idx, row_scale, out_dtype)
+        return sparse_weight_grad_reference(dy, x, idx, row_scale, out_dtype, x_compact)
     from . import _sparse_triton
 
-    return _sparse_triton.sparse_weight_grad(dy2, x2, idx, row_scale, out_dtype)
+    return _sparse_triton.sparse_weight_grad(dy2, x2, idx, row_scale, out_dtype, x_compact=x_compact)
 
 
 # ---------------------------------------------------------------------------------------------- input grad

@@ -55,6 +55,22 @@ def test_weight_grad_equals_dense_autograd_with_dropped_rows(dtype):
     torch.testing.assert_close(got, w.grad.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", list(WCONFIGS))
+def test_weight_grad_compact_x_with_repeated_indices(dtype, config):
+    """WTA-CRS style: x holds only the saved rows; indices drawn with replacement repeat."""
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(30, 24, generator=g).to(dtype)
+    idx = torch.tensor([3, 3, 0, 29, 7, 3, 12])
+    x_kept = torch.randn(7, 40, generator=g).to(dtype)
+    scale = torch.rand(7, generator=g) + 0.5
+    want = ((dy[idx].float() * scale[:, None]).to(dtype).t() @ x_kept).to(dtype)
+    got = st.sparse_weight_grad(dy, x_kept, idx, scale, dtype, config=WCONFIGS[config], x_compact=True)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    torch.testing.assert_close(sparse_weight_grad(dy, x_kept, idx, scale, x_compact=True, impl="torch"), want,
+                               **TOL[dtype])
+
+
 def test_weight_grad_non_contiguous_and_mixed_dtype():
     torch.manual_seed(2)
     dy = torch.randn(24, 30).t()  # [30 rows, 24], stride (1, 30)
@@ -132,6 +148,8 @@ def test_public_input_grad_dispatch_and_errors():
         sparse_input_grad(dy, w, idx.float())
     with pytest.raises(ValueError, match="row_scale must have shape"):
         sparse_weight_grad(dy, torch.randn(6, 16), idx, row_scale=torch.ones(3))
+    with pytest.raises(ValueError, match="len\\(idx\\) rows"):
+        sparse_weight_grad(dy, torch.randn(6, 16), idx, x_compact=True)
     with pytest.raises(ValueError, match="same rows"):
         sparse_weight_grad(dy, torch.randn(5, 16), idx)
     with pytest.raises(ValueError, match="bfloat16 is not supported by the Triton CPU interpreter"):
