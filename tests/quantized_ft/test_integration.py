@@ -153,3 +153,21 @@ def test_bfloat16_model_with_bfloat16_compute_trains():
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     assert l1 < l0 - 0.05, (l0, l1)
     assert opt.state[layer.weight]["exp_avg"].dtype == torch.float32
+
+
+def test_trainable_embeddings_with_8bit_state():
+    """Embedding/head option "8-bit state": embeddings="trainable" (full precision) with bitsandbytes'
+    AdamW8bit (optim.name: adamw8bit); the int8 weights' update goes through the same step."""
+    model = int8_model(embeddings="trainable")
+    opt = _build(model, False, name="adamw8bit")
+    data = batches(2)
+    with torch.no_grad():
+        l0 = sum(model(**b).loss.item() for b in data)
+    _run(model, opt, data * 4)
+    with torch.no_grad():
+        l1 = sum(model(**b).loss.item() for b in data)
+    assert l1 < l0 - 0.05, (l0, l1)
+    for p in (model.model.embed_tokens.weight, model.lm_head.weight, int8_layers(model)[0].weight):
+        st = opt.state[p]
+        assert st["state1"].dtype == torch.uint8 and st["state2"].dtype == torch.uint8
+    assert all(m.weight.untyped_storage().nbytes() == 4 for m in int8_layers(model))
