@@ -1,0 +1,83 @@
+"""Build what a recipe trains on CPU (tiny shapes) and measure it, to check the planner against
+real tensors: used by tests/memory and by ``python -m efft.memory.card``.
+
+The model is built from the recipe's ``model`` section (full fine-tune, peft LoRA, efft.sparsity as
+the recipe enables); gradient checkpointing is reentrant here so that the recompute of each layer in
+backward passes through the saved-tensor hooks (transformers' default, non-reentrant, hides it).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import estimate as est
+from .tracker import count_saved_tensors, gradient_bytes, optimizer_state_bytes, weight_bytes
+
+
+def build(recipe_dict: Any, seed: int = 0):
+    """(recipe, transformers config, model in train mode) for a recipe dict, real tensors on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    r = est._recipe_from(recipe_dict)
+    cfg = est.resolve_config(r.model)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=est._DTYPE[r.model.dtype],
+                                             attn_implementation=r.model.attn_implementation)
+    if r.adapter.type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r.adapter.r, lora_alpha=r.adapter.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=r.adapter.target_modules))
+    if r.train.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5.2x name
+            enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    s = r.sparsity
+    if any(getattr(s, k).enabled for k in ("loss_tokens", "token_elimination", "sampled_linear", "partial")):
+        from efft.sparsity import apply_sparsity
+
+        apply_sparsity(model, s)
+    model.train()
+    return r, cfg, model
+
+
+def batch_for(r, cfg, seed: int = 0, label_fraction: float = 1.0) -> dict:
+    """Random ids; labels on the last ``label_fraction`` of each row (a prompt without labels before)."""
+    g = torch.Generator().manual_seed(seed)
+    b, s = r.train.per_device_train_batch_size, r.data.max_seq_length
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+    labels = ids.clone()
+    labels[:, : s - int(round(label_fraction * s))] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def measure_activations(recipe_dict: Any, seed: int = 0, label_fraction: float = 1.0) -> tuple[int, int]:
+    """(predicted, measured) peak live saved-tensor bytes over one forward + backward."""
+    r, cfg, model = build(recipe_dict, seed)
+    batch = batch_for(r, cfg, seed, label_fraction)
+    with count_saved_tensors(model) as c:
+        model(**batch).loss.backward()
+    pred = est.estimate(recipe_dict, label_fraction=label_fraction).details["activation_parts"]["peak"]
+    return pred, c.peak_bytes
+
+
+def measure_step(recipe_dict: Any, seed: int = 0) -> dict:
+    """One training step with the optimizer efft's factory builds; measured vs predicted bytes."""
+    from efft.optim.factory import build_optimizer
+
+    r, cfg, model = build(recipe_dict, seed)
+    opt = build_optimizer(model, r.optim, lr=1e-3)
+    model(**batch_for(r, cfg, seed)).loss.backward()
+    grads = gradient_bytes(model)
+    opt.step()
+    w = weight_bytes(model)
+    e = est.estimate(recipe_dict)
+    return {
+        "weights": (e.weights + e.adapters, w["total"]),
+        "gradients": (e.gradients, grads),
+        "optimizer_state": (e.optimizer_state, optimizer_state_bytes(opt)),
+    }
