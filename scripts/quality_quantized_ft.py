@@ -230,6 +230,25 @@ def write_card(scratch: list[dict], finetunes: dict[float, list[dict]], args, ou
         "- Not in this card: GPU rows (peak for a ~1B model, the 8B peak measured). No GPU was used; the 8B recipe "
         "`recipes/llama3-8b-int8-apollo-mini.yaml` states the planner's prediction (11.2 GiB).",
         "",
+        "## How to use",
+        "",
+        "Recipe: `quant: {type: int8, trainable: true}` with any `optim` section (`layerwise: true` keeps one "
+        "layer's gradient alive). In code:",
+        "",
+        "```python",
+        "from efft.quant.trainable import prepare_int8_training, Int8LayerwiseOptimizer, export_full_precision",
+        "from efft.optim import APOLLOAdamW",
+        "model = prepare_int8_training(model, quant_cfg)            # Linear -> int8 codes + scales (lm_head skipped)",
+        "opt = Int8LayerwiseOptimizer(APOLLOAdamW(groups, lr=1e-5))  # or efft.optim.factory.build_optimizer(...)",
+        "for batch in data:                                         # updates happen inside backward",
+        "    model(**batch).loss.backward(); opt.step(); opt.zero_grad()",
+        "export_full_precision(model, 'out/')                       # plain bf16 save_pretrained checkpoint",
+        "```",
+        "",
+        "Any torch optimizer's `step()` also works (every int8 layer is materialized for the step); a "
+        "`transformers.Trainer` takes the optimizer through `optimizers=(opt, None)` and saves int8 checkpoints "
+        "that resume bit for bit.",
+        "",
     ]
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -114,8 +114,12 @@ def dequantize_int8_blockwise(codes: torch.Tensor, scale: torch.Tensor, blocksiz
     if scale.numel() != n_blocks(n, blocksize):
         raise ValueError(f"dequantize_int8_blockwise: {n} codes in blocks of {blocksize} need "
                          f"{n_blocks(n, blocksize)} scales, got {scale.numel()}")
-    out = (_blocks(codes.reshape(-1).float(), blocksize) * scale.float().unsqueeze(1)).reshape(-1)[:n]
-    return out.reshape(codes.shape).to(dtype)
+    out = _blocks(codes.reshape(-1).float(), blocksize).mul_(scale.float().unsqueeze(1))  # one float32 temporary
+    return out.reshape(-1)[:n].reshape(codes.shape).to(dtype)
+
+
+#: requantize works on this many elements at a time, bounding its float32 temporaries (~6 of them)
+CHUNK_ELEMS = 1 << 22
 
 
 def requantize(w_new: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, blocksize: int,
@@ -127,22 +131,39 @@ def requantize(w_new: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bl
     new absmax exceeds ``127 * scale`` or falls below ``shrink * 127 * scale`` get a fresh scale
     (absmax / 127) and are re-rounded on the new grid; the others keep their scale and round
     ``code + (w_new - code * scale) / scale``. Returns ``(new_codes, new_scale, refreshed_mask)``.
+    Works in chunks of whole blocks (``CHUNK_ELEMS``) so a large layer's temporaries stay small.
     """
     _check_blocksize(blocksize)
     if not 0.0 <= shrink < 1.0:
         raise ValueError(f"shrink must be in [0, 1), got {shrink}")
-    n = codes.numel()
-    wb = _blocks(w_new.reshape(-1).float(), blocksize)
-    qb = _blocks(codes.reshape(-1).float(), blocksize)
-    s = scale.float()
-    new_absmax = wb.abs().amax(dim=1)
-    limit = s * QMAX
-    refresh = (new_absmax > limit) | (new_absmax < shrink * limit)
-    s_new = torch.where(refresh, new_absmax / QMAX, s)
-    # kept grid: code + delta / scale (exactly the old code when delta == 0); refreshed: w / scale
-    s_safe = torch.where(s_new > 0, s_new, torch.ones_like(s_new)).unsqueeze(1)
-    delta = wb - qb * s.unsqueeze(1)
-    x = torch.where(refresh.unsqueeze(1), wb / s_safe, qb + delta / s_safe)
-    x = torch.where((s_new > 0).unsqueeze(1), x, torch.zeros_like(x))
-    q = round_codes(x, rounding, seed=seed, generator=generator)
-    return q.reshape(-1)[:n].reshape(codes.shape), s_new, refresh
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    n, nb = codes.numel(), scale.numel()
+    if w_new.numel() != n or nb != n_blocks(n, blocksize):
+        raise ValueError(f"requantize: {w_new.numel()} weights, {n} codes and {nb} scales do not match "
+                         f"(blocksize {blocksize})")
+    if rounding == "stochastic" and generator is None and seed is not None:
+        generator = torch.Generator(device=codes.device)
+        generator.manual_seed(seed)
+    flat_w, flat_q = w_new.reshape(-1), codes.reshape(-1)
+    out = torch.empty(n, dtype=torch.int8, device=codes.device)
+    s_out = torch.empty(nb, dtype=torch.float32, device=codes.device)
+    r_out = torch.empty(nb, dtype=torch.bool, device=codes.device)
+    step = max(1, CHUNK_ELEMS // blocksize)
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        e0, e1 = b0 * blocksize, min(n, b1 * blocksize)
+        wb = _blocks(flat_w[e0:e1].float(), blocksize)
+        qb = _blocks(flat_q[e0:e1].float(), blocksize)
+        s = scale[b0:b1].float()
+        new_absmax = wb.abs().amax(dim=1)
+        limit = s * QMAX
+        refresh = (new_absmax > limit) | (new_absmax < shrink * limit)
+        s_new = torch.where(refresh, new_absmax / QMAX, s)
+        # kept grid: code + delta / scale (exactly the old code when delta == 0); refreshed: w / scale
+        s_safe = torch.where(s_new > 0, s_new, torch.ones_like(s_new)).unsqueeze(1)
+        x = torch.where(refresh.unsqueeze(1), wb / s_safe, qb + (wb - qb * s.unsqueeze(1)) / s_safe)
+        x.masked_fill_((s_new == 0).unsqueeze(1), 0.0)
+        out[e0:e1] = round_codes(x, rounding, generator=generator).reshape(-1)[: e1 - e0]
+        s_out[b0:b1], r_out[b0:b1] = s_new, refresh
+    return out.reshape(codes.shape), s_out, r_out

@@ -148,3 +148,21 @@ def test_round_to_nearest_stalls_where_stochastic_rounding_keeps_learning(roundi
         assert losses[-1] > 0.9 * losses[0], (losses[0], losses[-1])
     else:
         assert losses[-1] < 0.15 * losses[0], (losses[0], losses[-1])
+
+
+def test_chunked_requantize_equals_one_chunk(monkeypatch):
+    """Chunking (which bounds the temporaries of large layers) changes nothing but where the noise is drawn:
+    with nearest rounding the result is identical, with stochastic rounding it stays within one code."""
+    import efft.quant.stochastic as st
+
+    torch.manual_seed(5)
+    w = torch.randn(40, 100)  # 4000 values: 62 full blocks of 64 + one of 32
+    codes, scale = quantize_int8_blockwise(w, 64)
+    w1 = dequantize_int8_blockwise(codes, scale, 64) + 0.3 * torch.randn(40, 100) * scale.max()
+    whole = [requantize(w1, codes, scale, 64, r, seed=1) for r in ("nearest", "stochastic")]
+    monkeypatch.setattr(st, "CHUNK_ELEMS", 256)  # 4 blocks a chunk, a partial block in the last one
+    parts = [requantize(w1, codes, scale, 64, r, seed=1) for r in ("nearest", "stochastic")]
+    for a, b in zip(whole[0], parts[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(whole[1][1], parts[1][1]) and torch.equal(whole[1][2], parts[1][2])
+    assert (whole[1][0].int() - parts[1][0].int()).abs().max() <= 1
