@@ -56,19 +56,17 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offs
         # Fast path: rows start on a byte and absmax blocks never cross a row or a tile edge. Work on
         # the BK/2 bytes of each row: high nibbles = even columns, low = odd; both nibbles of a byte
         # share one absmax block (BS is even). Only the final DT tile is interleaved (16-bit join).
-        HK: tl.constexpr = BK // 2
-        offs_j = k0 // 2 + tl.arange(0, HK)
+        offs_j = k0 // 2 + tl.arange(0, BK // 2)
         bmask = mask_n[:, None] & (offs_j[None, :] * 2 < K)
         b = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + offs_j[None, :], mask=bmask, other=0)
         vh = tl.load(code_ptr + (b >> 4).to(tl.int32))
         vl = tl.load(code_ptr + (b & 15).to(tl.int32))
         if BK % BS == 0:
-            NB: tl.constexpr = BK // BS
-            blk = (offs_n[:, None] * K + k0) // BS + tl.arange(0, NB)[None, :]
-            m = mask_n[:, None] & ((k0 + tl.arange(0, NB) * BS) < K)[None, :]
+            blk = (offs_n[:, None] * K + k0) // BS + tl.arange(0, BK // BS)[None, :]
+            m = mask_n[:, None] & ((k0 + tl.arange(0, BK // BS) * BS) < K)[None, :]
             s = _absmax_tile(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, m, BS2, NESTED)
-            wh = (vh.reshape(BN, NB, BS // 2) * s[:, :, None]).reshape(BN, HK).to(DT)
-            wl = (vl.reshape(BN, NB, BS // 2) * s[:, :, None]).reshape(BN, HK).to(DT)
+            wh = (vh.reshape(BN, BK // BS, BS // 2) * s[:, :, None]).reshape(BN, BK // 2).to(DT)
+            wl = (vl.reshape(BN, BK // BS, BS // 2) * s[:, :, None]).reshape(BN, BK // 2).to(DT)
         else:
             blk = (offs_n * K + k0) // BS
             s = _absmax_tile(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, mask_n & ((offs_n * 0 + k0) < K),
@@ -131,7 +129,6 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr,
     """Y[M, N] = X[M, K] @ W[N, K]^T (+ bias). ATOMIC: add fp32 partial sums into y (split-K)."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    DT: tl.constexpr = x_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -141,7 +138,8 @@ def _fwd_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr,
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         w = _w_tile(x_ptr, 0, 0, packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, offs_n, k0,
-                    N, K, BLOCK_N, BLOCK_K, BS, BS2, NESTED, EVEN_K, K_ALIGNED, False, DT)
+                    N, K, BLOCK_N, BLOCK_K, BS, BS2, NESTED, EVEN_K, K_ALIGNED, False,
+                    x_ptr.dtype.element_ty)
         if DOT_FP32_IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -168,7 +166,6 @@ def _bwd_kernel(dy_ptr, w_ptr, stride_wn, stride_wk, packed_ptr, absmax_ptr, cod
     row m of dX, or to row idx[m] when SCATTER. SPLIT_K splits the N reduction (ATOMIC fp32 output)."""
     pid_m, pid_k = _tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     pid_s = tl.program_id(1)
-    DT: tl.constexpr = dy_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     if HAS_IDX:
@@ -183,7 +180,8 @@ def _bwd_kernel(dy_ptr, w_ptr, stride_wn, stride_wk, packed_ptr, absmax_ptr, cod
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & (offs_n[None, :] < N), other=0.0)
         w = _w_tile(w_ptr, stride_wn, stride_wk, packed_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr,
-                    offset_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BS, BS2, NESTED, EVEN_K, K_ALIGNED, W_DENSE, DT)
+                    offset_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K, BS, BS2, NESTED, EVEN_K, K_ALIGNED, W_DENSE,
+                    dy_ptr.dtype.element_ty)
         if DOT_FP32_IEEE:
             acc = tl.dot(dy, w, acc, input_precision="ieee")
         else:

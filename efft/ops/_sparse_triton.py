@@ -25,7 +25,6 @@ def _sparse_wgrad_kernel(dy_ptr, x_ptr, idx_ptr, scale_ptr, dw_ptr, R, N, K, str
     SPLIT_R splits the row reduction over the grid (ATOMIC fp32 output) when N x K has few tiles."""
     pid_n, pid_k = _tile_ids(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
     pid_r = tl.program_id(1)
-    DT: tl.constexpr = dy_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -37,13 +36,13 @@ def _sparse_wgrad_kernel(dy_ptr, x_ptr, idx_ptr, scale_ptr, dw_ptr, R, N, K, str
                      mask=mask_r[:, None] & (offs_n[None, :] < N), other=0.0)
         if HAS_SCALE:
             sc = tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-            dy = (dy.to(tl.float32) * sc[:, None]).to(DT)
+            dy = (dy.to(tl.float32) * sc[:, None]).to(dy_ptr.dtype.element_ty)
         if X_COMPACT:
             xrows = offs_r.to(tl.int64)
         else:
             xrows = rows
         x = tl.load(x_ptr + xrows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0).to(DT)
+                    mask=mask_r[:, None] & (offs_k[None, :] < K), other=0.0).to(dy_ptr.dtype.element_ty)
         if DOT_FP32_IEEE:
             acc = tl.dot(tl.trans(dy), x, acc, input_precision="ieee")
         else:
