@@ -52,29 +52,41 @@ ADAPTER_METHODS = {
 }
 
 
-def build(args, dtype, device):
+# long context, few labels (LeMo's setting): a deeper model, 10% label tokens at the end
+LONG_METHODS = {
+    "dense": {},
+    "token_elimination": {"token_elimination": TE},
+    "token_elimination (unbiased)": {"token_elimination": dict(TE, unbiased=True)},
+    "loss_tokens+token_elimination": {"loss_tokens": {}, "token_elimination": TE},
+    "combined": {"loss_tokens": {}, "token_elimination": TE, "sampled_linear": {"keep": 0.3}},
+}
+
+
+def build(args, dtype, device, layers=None):
     import transformers
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 4, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=max(args.seqs),
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 4, num_hidden_layers=layers or args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=max(args.seqs + [args.lc_seq]),
     )
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device=device, dtype=dtype)
 
 
-def batch_for(seq, vocab, device):
+def batch_for(seq, vocab, device, label_fraction=0.5):
+    """One sequence; its last ``label_fraction`` carries labels (the rest is an unlabeled prompt)."""
     g = torch.Generator().manual_seed(seq)
     ids = torch.randint(0, vocab, (1, seq), generator=g)
     labels = ids.clone()
-    labels[:, : seq // 2] = -100
+    labels[:, : seq - int(round(label_fraction * seq))] = -100
     return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
 
 
 def prepare(name, base, args):
     """A fresh copy of the base with the method installed (recipe-style dict sections)."""
     model = copy.deepcopy(base)
-    sections = copy.deepcopy(METHODS.get(name, ADAPTER_METHODS.get(name)))
+    table = next(t for t in (METHODS, ADAPTER_METHODS, LONG_METHODS) if name in t)
+    sections = copy.deepcopy(table[name])
     if name.startswith("lora"):
         import peft
 
@@ -180,11 +192,13 @@ def mib(b):
     return f"{b / 2**20:.1f}"
 
 
-def write_card(res, q, args, device_desc, path):
+def write_card(res, q, args, device_desc, path, commands):
+    long = [r for r in res if r.get("sweep") == "long"]
+    res = [r for r in res if r.get("sweep", "main") == "main"]
     seqs = sorted({r["seq"] for r in res})
     peak = any(r.get("cuda_peak_bytes") for r in res)
     L = ["# Card: efft.sparsity (token and activation sparsity)", ""]
-    L += [f"Machine: {device_desc}. Command: `python scripts/bench_sparsity.py {' '.join(sys.argv[1:])}`. "
+    L += [f"Machine: {device_desc}. Commands: " + "; ".join(f"{k} sweep `{v}`" for k, v in sorted(commands.items())) + ". "
           "One run; the methods of a table are timed interleaved, round by round, so load changes hit them alike, "
           "but step times on a shared CPU still vary 10-35%: compare within a row group, not across runs.", ""]
     L += [f"Model: random Llama architecture, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
@@ -217,11 +231,25 @@ def write_card(res, q, args, device_desc, path):
 
     table("Full fine-tuning: each method alone and combined, vs dense", list(METHODS), "dense")
     table("Frozen base: LoRA, LoRA + sparsity, PaCA", list(ADAPTER_METHODS), "lora")
+    if long:
+        d = next(r for r in long if r["method"] == "dense")
+        L += ["## Long context, few labels (LeMo's setting)", "",
+              f"Same architecture with {args.lc_layers} layers, seq {long[0]['seq']}, the last "
+              f"{100 * args.lc_label_fraction:.0f}% of the tokens labeled; token elimination keeps 50% from layer 1; "
+              f"{args.lc_reps} timed step(s) per method after a metered one.", "",
+              "| method | saved MiB | less than dense | layers MiB | layers less | step s | speed vs dense |",
+              "|---|---|---|---|---|---|---|"]
+        for r in long:
+            L.append(f"| {r['method']} | {mib(r['saved_bytes'])} | {d['saved_bytes'] / r['saved_bytes']:.2f}x | "
+                     f"{mib(r['layer_bytes'])} | {d['layer_bytes'] / max(r['layer_bytes'], 1):.2f}x | {r['step_s']:.2f} | "
+                     f"{d['step_s'] / r['step_s']:.2f}x |")
+        L.append("")
     big = max(seqs)
 
-    def ratio(m, ref="dense", key="saved_bytes"):
-        a = next(r for r in res if r["seq"] == big and r["method"] == ref)
-        b = next(r for r in res if r["seq"] == big and r["method"] == m)
+    def ratio(m, ref="dense", key="saved_bytes", rows=None):
+        rows = rows or [r for r in res if r["seq"] == big]
+        a = next(r for r in rows if r["method"] == ref)
+        b = next(r for r in rows if r["method"] == m)
         return a[key] / max(b[key], 1e-12)
 
     L += ["## Against the papers' targets", "",
@@ -229,9 +257,14 @@ def write_card(res, q, args, device_desc, path):
           "activation bytes saved for backward on a tiny model on CPU (weights and optimizer state excluded), so the "
           "numbers are comparable in kind only.", "",
           "| method | paper | here: saved bytes (layers only), step time |", "|---|---|---|",
-          f"| LeMo token elimination (vs dense) | 1.93x less memory, 1.36x faster | {ratio('token_elimination'):.2f}x less "
-          f"({ratio('token_elimination', key='layer_bytes'):.2f}x), {ratio('token_elimination', key='step_s'):.2f}x speed |",
-          f"| WTA-CRS keep 0.3 on LoRA (vs LoRA) | 2.7x less peak memory | {ratio('lora+sampled_linear', 'lora'):.2f}x less "
+          f"| LeMo token elimination (vs dense), seq {big}, 2 layers, 50% labels | 1.93x less memory, 1.36x faster | "
+          f"{ratio('token_elimination'):.2f}x less ({ratio('token_elimination', key='layer_bytes'):.2f}x), "
+          f"{ratio('token_elimination', key='step_s'):.2f}x speed |"]
+    if long:
+        L += [f"| LeMo token elimination (vs dense), long-context sweep | 1.93x less memory, 1.36x faster | "
+              f"{ratio('token_elimination', rows=long):.2f}x less ({ratio('token_elimination', key='layer_bytes', rows=long):.2f}x), "
+              f"{ratio('token_elimination', key='step_s', rows=long):.2f}x speed |"]
+    L += [f"| WTA-CRS keep 0.3 on LoRA (vs LoRA) | 2.7x less peak memory | {ratio('lora+sampled_linear', 'lora'):.2f}x less "
           f"({ratio('lora+sampled_linear', 'lora', 'layer_bytes'):.2f}x), "
           f"{ratio('lora+sampled_linear', 'lora', 'step_s'):.2f}x speed |",
           f"| WTA-CRS keep 0.3, full fine-tuning (vs dense) | - | {ratio('sampled_linear'):.2f}x less "
@@ -293,6 +326,12 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--machine", default=None, help="how to name the machine in the card")
     ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--lc-seq", type=int, default=4096, help="long-context sweep: sequence length")
+    ap.add_argument("--lc-layers", type=int, default=8)
+    ap.add_argument("--lc-label-fraction", type=float, default=0.1)
+    ap.add_argument("--lc-reps", type=int, default=2)
+    ap.add_argument("--only", choices=["all", "main", "long"], default="all")
+    ap.add_argument("--reuse", action="store_true", help="keep the other sweep's results (and quality) from the JSON")
     ap.add_argument("--out", default=str(ROOT / "cards" / "sparsity.md"))
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -301,26 +340,42 @@ def main():
         torch.set_num_threads(args.threads)
     desc = args.machine or (torch.cuda.get_device_name() if device.type == "cuda"
                             else f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {args.threads} torch threads")
-    base = build(args, dtype, device)
-    res = []
-    for seq in args.seqs:
-        batch = batch_for(seq, args.vocab, device)
-        reps = args.reps if seq <= args.long else 1
-        for group in (METHODS, ADAPTER_METHODS):
-            models = {name: prepare(name, base, args) for name in group}
-            for name, r in measure(models, batch, reps, device).items():
-                r.update(seq=seq, method=name)
-                res.append(r)
-                print(f"seq {seq:5d} {name:40s} saved {mib(r['saved_bytes']):>8s} MiB (layers {mib(r['layer_bytes']):>8s})"
-                      f"  step {r['step_s']:.3f} s", flush=True)
-            del models
-            gc.collect()
-    q = None if args.no_quality else quality()
     out = Path(args.out)
+    old = json.loads(out.with_suffix(".json").read_text()) if args.reuse and out.with_suffix(".json").is_file() else {}
+    command = "python scripts/bench_sparsity.py " + " ".join(sys.argv[1:])
+    commands = dict(old.get("meta", {}).get("commands", {}))
+    res = [r for r in old.get("results", []) if args.only != "all" and r.get("sweep", "main") != args.only]
+
+    def report(r):
+        res.append(r)
+        print(f"[{r['sweep']}] seq {r['seq']:5d} {r['method']:40s} saved {mib(r['saved_bytes']):>8s} MiB "
+              f"(layers {mib(r['layer_bytes']):>8s})  step {r['step_s']:.3f} s", flush=True)
+
+    if args.only in ("all", "main"):
+        commands["main"] = command
+        base = build(args, dtype, device)
+        for seq in args.seqs:
+            batch = batch_for(seq, args.vocab, device)
+            reps = args.reps if seq <= args.long else 1
+            for group in (METHODS, ADAPTER_METHODS):
+                models = {name: prepare(name, base, args) for name in group}
+                for name, r in measure(models, batch, reps, device).items():
+                    report(dict(r, seq=seq, method=name, sweep="main"))
+                del models
+                gc.collect()
+    if args.only in ("all", "long"):
+        commands["long"] = command
+        base = build(args, dtype, device, layers=args.lc_layers)
+        batch = batch_for(args.lc_seq, args.vocab, device, label_fraction=args.lc_label_fraction)
+        models = {name: prepare(name, base, args) for name in LONG_METHODS}
+        for name, r in measure(models, batch, args.lc_reps, device).items():
+            report(dict(r, seq=args.lc_seq, method=name, sweep="long"))
+        del models
+    q = old.get("quality") if args.no_quality else quality()
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": desc, "torch": torch.__version__, "args": vars(args)}
+    meta = {"machine": desc, "torch": torch.__version__, "args": vars(args), "commands": commands}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": res, "quality": q}, indent=1))
-    write_card(res, q, args, desc, out)
+    write_card(res, q, args, desc, out, commands)
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
 

@@ -303,7 +303,10 @@ def apply_loss_tokens(model: nn.Module, chunk_size: int = 1024, verify: bool = T
         return state.sparse_forward(arguments)
 
     lm.forward = forward
-    lm.accepts_loss_kwargs = True  # the wrapped forward honours num_items_in_batch
+    try:
+        lm.accepts_loss_kwargs = True  # the wrapped forward honours num_items_in_batch (Trainer reads this)
+    except AttributeError:  # a read-only property on some class: Trainer then inspects the signature
+        pass
     lm._efft_loss_tokens = state
     if verify:
         try:

@@ -230,3 +230,22 @@ def test_remove_restores_dense_forward():
     remove_loss_tokens(sparse)
     batch = tiny_batch(seq=8)
     assert sparse(**batch).logits is not None
+
+
+def test_wrapped_head_goes_through_checkpointed_chunks():
+    """A head that is not a plain nn.Linear (peft's modules_to_save copy of lm_head) takes the
+    generic path: per-chunk recomputation; loss and gradients still equal dense."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    dense = peft.get_peft_model(tiny_model("llama"), cfg)
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse, chunk_size=5)
+    assert type(sparse.get_output_embeddings()) is not nn.Linear
+    dense.train()
+    sparse.train()
+    batch = tiny_batch(seq=16, label_fraction=0.5, seed=6)
+    ref, out = dense(**batch), sparse(**batch)
+    assert _rel(out.loss.detach(), ref.loss.detach()) <= 1e-5
+    ref.loss.backward()
+    out.loss.backward()
+    _assert_grads_equal(dense, sparse, 1e-5)
