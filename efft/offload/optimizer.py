@@ -106,29 +106,31 @@ class OffloadOptimizer(Optimizer):
     ``cfg`` is duck-typed (``efft.config.OffloadConfig``): ``keep_small_params_on_device_bytes``,
     ``pin_memory``, ``max_pinned_bytes``. Keyword options: ``gradient_accumulation_steps`` (micro-batches
     per step; the eager step fires on the last), ``max_grad_norm`` (global-norm clipping done here),
-    ``eager`` (False: nothing happens before ``step()``, as in torchao), ``workers`` (CPU threads),
+    ``eager`` (False: nothing happens before ``step()``, as in torchao), ``release_grads`` (free each
+    offloaded parameter's device gradient once copied: saves its memory, but nothing may read
+    gradients between backward and ``step()``, e.g. Trainer then logs grad_norm 0), ``workers`` (CPU threads),
     ``trace`` (record every copy, launch and step, with perf_counter times, in ``self.trace``).
     """
 
     def __init__(self, params: Iterable, optimizer_class: type, cfg: Any = None, *, gradient_accumulation_steps: int = 1,
-                 max_grad_norm: Optional[float] = None, eager: bool = True, workers: Optional[int] = None,
-                 trace: bool = False, **optimizer_kwargs):
+                 max_grad_norm: Optional[float] = None, eager: bool = True, release_grads: bool = False,
+                 workers: Optional[int] = None, trace: bool = False, **optimizer_kwargs):
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
         base = optimizer_class(params, **optimizer_kwargs)
-        self._setup(base, cfg, gradient_accumulation_steps, max_grad_norm, eager, workers, trace)
+        self._setup(base, cfg, gradient_accumulation_steps, max_grad_norm, eager, workers, trace, release_grads)
 
     @classmethod
     def wrap(cls, optimizer: Optimizer, cfg: Any = None, **kw) -> "OffloadOptimizer":
         self = object.__new__(cls)
         self._setup(optimizer, cfg, kw.pop("gradient_accumulation_steps", 1), kw.pop("max_grad_norm", None),
-                    kw.pop("eager", True), kw.pop("workers", None), kw.pop("trace", False))
+                    kw.pop("eager", True), kw.pop("workers", None), kw.pop("trace", False), kw.pop("release_grads", False))
         if kw:
             raise TypeError(f"unexpected options: {sorted(kw)}")
         return self
 
     # ------------------------------------------------------------------------------ set-up
-    def _setup(self, base: Optimizer, cfg, accumulation, max_grad_norm, eager, workers, trace) -> None:
+    def _setup(self, base: Optimizer, cfg, accumulation, max_grad_norm, eager, workers, trace, release_grads=False) -> None:
         if isinstance(base, OffloadOptimizer):
             raise TypeError("this optimizer is already offloaded")
         if getattr(base, "layerwise", False) or type(base).__name__.lower().startswith("layerwise"):
@@ -151,6 +153,7 @@ class OffloadOptimizer(Optimizer):
         self.gradient_accumulation_steps = accumulation
         self.max_grad_norm = max_grad_norm
         self.eager = bool(eager)
+        self.release_grads = bool(release_grads)
         self.trace: Optional[list] = [] if trace else None
         self.mover = Mover(self.device, trace=self.trace)
         self.last_grad_norm: Optional[torch.Tensor] = None
@@ -265,12 +268,15 @@ class OffloadOptimizer(Optimizer):
             return  # stepped on the device in step()
         # A fingerprint (one reduction, on the device) to tell a real later change from a x1.0.
         s.grad_ref, s.grad_version = g, g._version
-        s.grad_norm = torch.linalg.vector_norm(g.detach(), 2.0) if in_backward else None
+        s.grad_norm = torch.linalg.vector_norm(g.detach(), 2.0) if in_backward and not self.release_grads else None
         if s.param._version != s.version:  # changed outside the optimizer (weights loaded): refresh the host copy
             wait_cpu(s.h2d_event)
             wait_cpu(self.mover.to_host(s.inner, s.param.detach(), tag=("param", s.index)))
             s.version = s.param._version
         ev = self.mover.to_host(s.gbuf, g, tag=("grad", s.index))
+        if self.release_grads:  # the copy holds the memory until it ran (record_stream)
+            s.param.grad = None
+            s.grad_ref = None
         if self.max_grad_norm:
             s.norm = self._pool.submit(self._host_norm, s, ev)
         else:
@@ -281,6 +287,8 @@ class OffloadOptimizer(Optimizer):
         """Eager steps used the gradients as backward left them; a change since (clip_grad_norm_, a
         grad scaler) would be silently ignored, so it raises. A version bump alone is not a change:
         Trainer multiplies every gradient by 1.0 to log the norm, so values are compared by norm."""
+        if self.release_grads:
+            launched = [s for s in launched if s.param.grad is not None or s.grad_ref is not None]
         touched = [s for s in launched if s.param.grad is not s.grad_ref or s.param.grad._version != s.grad_version]
         if not touched:
             return

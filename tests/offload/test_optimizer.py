@@ -39,6 +39,23 @@ def test_bitwise_equal_to_plain_adamw(accum, clip, eager):
     assert "host" in placement.values() and "device" in placement.values()
 
 
+def test_release_grads_frees_device_gradients_and_stays_bitwise():
+    ref = reference(2, 0.05)
+    m = model()
+    opt = OffloadOptimizer(m.parameters(), torch.optim.AdamW, cfg(), lr=1e-2, weight_decay=0.1, gradient_accumulation_steps=2,
+                           max_grad_norm=0.05, release_grads=True)
+    for b in batches(0, accum=2):
+        (m(**b).loss / 2).backward()
+    where = opt.placement()
+    grads = {i: p.grad is None for i, p in enumerate(m.parameters())}
+    assert all(grads[i] == (w == "host") for i, w in where.items())  # offloaded ones freed, small ones kept
+    opt.step()
+    opt.zero_grad()
+    train(m, opt, STEPS - 1, accum=2, start=1)
+    assert same_params(ref, m)
+    opt.close()
+
+
 def test_equality_check_can_fail():
     """Negative control: clipping changes the result, so the comparisons above are not vacuous."""
     ref = reference(1, None)
