@@ -47,7 +47,7 @@ from .stochastic import (QMAX, dequantize_int8_blockwise, mix_seed, n_blocks, qu
 
 __all__ = [
     "Int8TrainableLinear", "Int8LayerwiseOptimizer", "prepare_int8_training", "int8_layers",
-    "export_full_precision", "save_int8_checkpoint", "load_int8_checkpoint", "int8_training_problems",
+    "export_full_precision", "save_int8_checkpoint", "load_int8_checkpoint", "load_int8_pretrained", "int8_training_problems",
     "validate_int8_training", "is_int8_carrier", "int8_update", "full_precision_state_dict", "EMBEDDING_MODES",
 ]
 
@@ -551,8 +551,13 @@ def prepare_int8_training(model: nn.Module, quant_cfg: Any = None, *, embeddings
         for m in frozen:
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
-    model._efft_int8_training = {"blocksize": blocksize, "compute_dtype": str(cd), "embeddings": embeddings,
-                                 "rounding": rounding, "layers": len(linears)}
+    info = {"blocksize": blocksize, "compute_dtype": str(cd).replace("torch.", ""), "skip": skip,
+            "embeddings": embeddings, "rounding": rounding, "shrink": shrink, "layers": len(linears)}
+    model._efft_int8_training = info
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        # written to config.json by save_pretrained, so load_int8_pretrained can rebuild the layout
+        cfg.efft_int8_trainable = dict(info)
     return model
 
 
@@ -638,6 +643,7 @@ def export_full_precision(model: nn.Module, out_dir: str | Path, dtype: torch.dt
 
         cfg = json.loads(cfg_file.read_text())
         cfg["dtype"] = str(dtype).replace("torch.", "")
+        cfg.pop("efft_int8_trainable", None)  # a plain full-precision model now
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -659,6 +665,45 @@ def save_int8_checkpoint(model: nn.Module, path: str | Path) -> Path:
         out[k] = v
     save_file(out, str(path), metadata={"format": "efft-int8-trainable"})
     return path
+
+
+def load_int8_pretrained(path: str | Path, *, dtype: Optional[torch.dtype] = None, **model_kwargs) -> nn.Module:
+    """Load a ``save_pretrained`` directory of an int8-trained model (what Trainer checkpoints hold).
+
+    A plain ``from_pretrained`` cannot: it would build float Linear layers and leave them randomly
+    initialised (``weight_codes`` are not its keys). The model is built from the config (so its
+    non-Linear weights are allocated at ``dtype`` once), prepared with the settings recorded in
+    ``config.efft_int8_trainable``, then loaded; every key must match.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from efft.config import QuantConfig
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    info = getattr(config, "efft_int8_trainable", None)
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: config.json has no efft_int8_trainable section: not an int8-trained efft model "
+                         "(load it with from_pretrained)")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32,
+                                             **model_kwargs)
+    q = QuantConfig(type="int8", trainable=True, blocksize=info["blocksize"], compute_dtype=info["compute_dtype"],
+                    skip=list(info["skip"]))
+    prepare_int8_training(model, q, embeddings=info.get("embeddings", "frozen"), rounding=info.get("rounding", "stochastic"),
+                          shrink=info.get("shrink", 0.5))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not _is_tied_copy(model, k, sd)]
+    if missing or unexpected:
+        raise ValueError(f"load_int8_pretrained({path}): missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    return model
 
 
 def load_int8_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

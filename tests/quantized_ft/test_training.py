@@ -158,6 +158,7 @@ def test_export_full_precision_loads_as_the_original_architecture(tmp_path):
     export_full_precision(model, tmp_path / "bf16")
     plain16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert plain16.dtype == torch.bfloat16
+    assert not hasattr(plain16.config, "efft_int8_trainable")
     # the int8 model survives the export untouched
     assert all(m.weight.untyped_storage().nbytes() == 4 for m in int8_layers(model))
 
@@ -177,3 +178,22 @@ def test_int8_update_context_for_custom_update_code():
     other = torch.zeros(3)
     with int8_update(other) as q:  # not a carrier: a no-op context
         assert q is other
+
+
+def test_save_pretrained_round_trip_through_load_int8_pretrained(tmp_path):
+    from efft.quant.trainable import load_int8_pretrained
+
+    model = int8_model()
+    _train(model, Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(model), lr=2e-3)), batches(2))
+    model.save_pretrained(tmp_path)  # what Trainer checkpoints and efft's final save write
+    back = load_int8_pretrained(tmp_path, attn_implementation="eager")  # tiny_model uses eager
+    assert_same_state(model, back)
+    batch = batches(1, seed=9)[0]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, back(**batch).logits)
+    with __import__("pytest").raises(ValueError, match="not an int8-trained"):
+        from transformers import AutoModelForCausalLM
+
+        from tests.tiny import tiny_model
+        tiny_model("llama").save_pretrained(tmp_path / "plain")
+        load_int8_pretrained(tmp_path / "plain")
