@@ -301,10 +301,24 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
         raise ValueError(f"dequantize_4bit: {n} values in blocks of {state.blocksize} need {n_blocks} absmax "
                          f"values, got {state.absmax.numel()}")
     absmax = dequantize_absmax(state)
-    codes = unpack_4bit(packed, n).long()
-    vals, _ = _blocks(state.code.to(packed.device, torch.float32)[codes], state.blocksize)
-    out = (vals * absmax.reshape(-1, 1)).reshape(-1)[:n]
+    # one gather per byte: a 256 x 2 table of (high nibble value, low nibble value)
+    pairs = state.code.to(packed.device, torch.float32)[_nibble_table(packed.device)]
+    p = packed.reshape(-1)
+    if p.dtype != torch.uint8:
+        p = p.view(torch.uint8)
+    vals = pairs.index_select(0, p.int()).reshape(-1)
+    if vals.numel() != n_blocks * state.blocksize:
+        vals = torch.nn.functional.pad(vals[:n], (0, n_blocks * state.blocksize - n))
+    out = vals.view(n_blocks, state.blocksize).mul_(absmax.reshape(-1, 1)).reshape(-1)[:n]  # fresh: in place
     return out.reshape(state.shape).to(dtype or state.dtype)
+
+
+def _nibble_table(device) -> torch.Tensor:
+    """[256, 2] int64: the high and low 4-bit code of every byte value."""
+    def make():
+        b = torch.arange(256)
+        return torch.stack((b >> 4, b & 0xF), dim=1).to(device)
+    return _cached(("nibbles", torch.device(device)), make)
 
 
 # ---------------------------------------------------------------------------------------- int8
