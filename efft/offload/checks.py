@@ -18,7 +18,8 @@ def recipe_problems(recipe: Any) -> list[tuple[str, str]]:
         if getattr(optim, "layerwise", False):
             p.append(("offload.optimizer", "cannot combine with optim.layerwise: both update parameters inside backward "
                                            "(offload already steps each parameter as its gradient arrives); keep one"))
-        if getattr(optim, "name", None) == "adamw8bit":
+        name, bits = getattr(optim, "name", None), getattr(optim, "state_bits", 32)
+        if name == "adamw8bit" or (name == "adamw" and bits == 8 and not getattr(optim, "layerwise", False)):
             p.append(("offload.optimizer", "bitsandbytes' 8-bit AdamW keeps its state in its own paged buffers and has no "
                                            "per-parameter CPU step; use optim.name: adamw (or a projected optimizer) with offload"))
         if getattr(train, "fp16", False):

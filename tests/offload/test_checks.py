@@ -21,6 +21,7 @@ def test_supported_combination_has_no_problems():
 @pytest.mark.parametrize("sections,path,words", [
     ({"optim": {"name": "adamw", "layerwise": True}}, "offload.optimizer", "layerwise"),
     ({"optim": {"name": "adamw8bit"}}, "offload.optimizer", "8-bit"),
+    ({"optim": {"name": "adamw", "state_bits": 8}}, "offload.optimizer", "8-bit"),
     ({"train": {"fp16": True}}, "offload.optimizer", "bf16"),
 ])
 def test_optimizer_offload_refusals(sections, path, words):
