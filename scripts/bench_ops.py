@@ -108,12 +108,13 @@ def _fmt_mib(v):
     return "n/a" if v is None else f"{v / 2**20:.1f}"
 
 
-def run(smoke: bool, reps: int):
+def run(smoke: bool, reps: int, shapes=None, ms=None, sparse_on: bool = True):
     import torch
 
     import efft.ops as ops
     from efft.ops import _dequant_matmul_triton as tk
     from efft.ops.dequant_matmul import dequant_matmul_backward_input_reference, dequant_matmul_reference
+    from efft.quant import dequantize_4bit
 
     cuda = not smoke
     dev = "cuda" if cuda else "cpu"
@@ -126,13 +127,14 @@ def run(smoke: bool, reps: int):
         print(f"bitsandbytes unavailable ({e.__class__.__name__}: {e}); 'bnb' column skipped", file=sys.stderr)
         have_bnb = False
     timer = _timer(cuda, reps)
-    shapes, ms = (SMOKE_SHAPES, SMOKE_MS) if smoke else (GPU_SHAPES, GPU_MS)
+    shapes = shapes or (SMOKE_SHAPES if smoke else GPU_SHAPES)
+    ms = ms or (SMOKE_MS if smoke else GPU_MS)
     rows = []
     gen = torch.Generator(device=dev).manual_seed(0)
     for K, N in shapes:
         w = torch.randn(N, K, device=dev, dtype=dtype, generator=gen) * 0.02
         packed, state, bnb_state = _quantize(w, have_bnb)
-        w_dense = dequant_matmul_reference(torch.eye(K, device=dev, dtype=dtype), packed, state).t().contiguous()
+        w_dense = dequantize_4bit(packed, state, dtype)  # the dense baseline's weight: same values
         del w
         for M in ms:
             x = torch.randn(M, K, device=dev, dtype=dtype, generator=gen)
@@ -179,7 +181,7 @@ def run(smoke: bool, reps: int):
     sparse_cfg = SMOKE_SPARSE if smoke else GPU_SPARSE
     sparse = []
     T = sparse_cfg["tokens"]
-    for K, N in sparse_cfg["shapes"]:
+    for K, N in (sparse_cfg["shapes"] if sparse_on else []):
         x = torch.randn(T, K, device=dev, dtype=dtype, generator=gen)
         dy = torch.randn(T, N, device=dev, dtype=dtype, generator=gen)
         packed, state, _ = _quantize(torch.randn(N, K, device=dev, dtype=dtype, generator=gen) * 0.02, False)
@@ -291,6 +293,10 @@ def main(argv=None) -> int:
                     help="compile every kernel config for an H100 (sm_90) ahead of time and report resources")
     ap.add_argument("--out", type=Path, default=None,
                     help="card path (default cards/ops.md on a GPU; the smoke run writes a card only when given)")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated KxN (in x out) shapes instead of the Llama-8B ones, e.g. 4096x14336")
+    ap.add_argument("--ms", default=None, help="comma-separated token counts M instead of 1,16,512,4096,16384")
+    ap.add_argument("--no-sparse", action="store_true", help="skip the sparse-backward section")
     ap.add_argument("--reps", type=int, default=None, help="timing: ms per do_bench on GPU, repetitions on CPU")
     args = ap.parse_args(argv)
     if args.compile_check:
@@ -315,7 +321,9 @@ def main(argv=None) -> int:
         return 0
     sys.path.insert(0, str(ROOT))
     reps = args.reps if args.reps is not None else (2 if args.cpu_smoke else 100)
-    rows, sparse, have_bnb = run(args.cpu_smoke, reps)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes else None
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else None
+    rows, sparse, have_bnb = run(args.cpu_smoke, reps, shapes, ms, not args.no_sparse)
     env = environment(not args.cpu_smoke, have_bnb)
     text = card(rows, sparse, env, have_bnb, args.cpu_smoke)
     out = args.out if args.out is not None else (None if args.cpu_smoke else ROOT / "cards" / "ops.md")

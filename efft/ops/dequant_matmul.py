@@ -53,6 +53,8 @@ def unsupported_reason(x, packed, state: QuantState, bias=None) -> Optional[str]
         return f"expected x in float16/bfloat16/float32, got {x.dtype}"
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreter():
         return "bfloat16 is not supported by the Triton CPU interpreter; use float32/float16 there"
+    if x.dtype == torch.bfloat16 and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 8:
+        return "bfloat16 needs a GPU of compute capability >= 8.0 (Ampere or newer)"
     if int(state.shape[0]) * int(state.shape[1]) >= 2**31:
         return f"the kernel indexes W with int32; W{tuple(state.shape)} has 2**31 elements or more"
     if state.code.numel() != 16:

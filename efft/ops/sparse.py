@@ -47,6 +47,8 @@ def _reason(tensors, dtype) -> Optional[str]:
     dev = tensors[0].device
     if dtype == torch.bfloat16 and dev.type == "cpu" and interpreter():
         return "bfloat16 is not supported by the Triton CPU interpreter; use float32/float16 there"
+    if dtype == torch.bfloat16 and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 8:
+        return "bfloat16 needs a GPU of compute capability >= 8.0 (Ampere or newer)"
     for t in tensors:
         if t is not None and t.device != dev:
             return f"expected every tensor on {dev}, found one on {t.device}"
