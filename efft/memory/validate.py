@@ -66,13 +66,22 @@ def measure_activations(recipe_dict: Any, seed: int = 0, label_fraction: float =
 
 
 def measure_step(recipe_dict: Any, seed: int = 0) -> dict:
-    """One training step with the optimizer efft's factory builds; measured vs predicted bytes."""
+    """One training step with the optimizer efft's factory builds; (predicted, measured) bytes.
+    Gradients: the most gradient bytes alive at once during backward."""
     from efft.optim.factory import build_optimizer
 
     r, cfg, model = build(recipe_dict, seed)
+    peak = [0]
+
+    def sample(_p):  # registered before the optimizer's hooks: sees each gradient before a layer-wise update frees it
+        peak[0] = max(peak[0], gradient_bytes(model))
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(sample)
     opt = build_optimizer(model, r.optim, lr=1e-3)
     model(**batch_for(r, cfg, seed)).loss.backward()
-    grads = gradient_bytes(model)
+    grads = max(peak[0], gradient_bytes(model))
     opt.step()
     w = weight_bytes(model)
     e = est.estimate(recipe_dict)
