@@ -77,9 +77,14 @@ class _Slot:
         self.pinned_bytes = 0
 
 
-def _move_state(st: dict, device: torch.device) -> dict:
-    """State tensors to ``device``; torch keeps a non-capturable "step" on the CPU, so it stays."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) and k != "step" else v for k, v in st.items()}
+def _move_state(st: dict, device: torch.device, step_follows: bool = False) -> dict:
+    """State tensors to ``device``. torch keeps "step" on the CPU unless the group is fused or
+    capturable (then it lives with the parameter): ``step_follows`` says which."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and (k != "step" or step_follows) else v for k, v in st.items()}
+
+
+def _step_follows(group: dict) -> bool:
+    return bool(group.get("fused") or group.get("capturable"))
 
 
 def _clone_with_params(optimizer: Optimizer, mapping: dict[int, torch.Tensor]) -> Optimizer:
@@ -94,9 +99,10 @@ def _clone_with_params(optimizer: Optimizer, mapping: dict[int, torch.Tensor]) -
     d = {k: v for k, v in optimizer.__dict__.items() if k not in ("state", "step")}
     new.__dict__.update(copy.deepcopy(d, memo))
     new.state = defaultdict(dict)
+    follows = {id(p): _step_follows(g) for g in optimizer.param_groups for p in g["params"]}
     for p, st in optimizer.state.items():
         q = memo.get(id(p), p)
-        new.state[q] = _move_state(st, q.device) if q is not p else st
+        new.state[q] = _move_state(st, q.device, follows.get(id(p), False)) if q is not p else st
     return new
 
 
@@ -408,7 +414,7 @@ class OffloadOptimizer(Optimizer):
             size = sum(_nbytes(v) for v in st.values() if isinstance(v, torch.Tensor))
             if st and size < self.keep_small_bytes:
                 wait_cpu(s.h2d_event)
-                st.update(_move_state(st, self.device))
+                st.update(_move_state(st, self.device, _step_follows(self.inner.param_groups[s.group])))
                 # The inner optimizer's tensor (its key everywhere) becomes an alias of the parameter:
                 # from now on it updates the parameter in place, on the device.
                 torch.utils.swap_tensors(s.inner, s.param.detach())

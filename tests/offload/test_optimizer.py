@@ -12,9 +12,9 @@ from tests.offload.helpers import batches, cfg, model, same_params, train
 STEPS = 3
 
 
-def reference(accum=1, clip=None, sched=False, steps=STEPS):
+def reference(accum=1, clip=None, sched=False, steps=STEPS, **opt_kw):
     m = model()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, **opt_kw)
     s = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (i + 1)) if sched else None
     train(m, opt, steps, accum, clip, s)
     return m
@@ -52,6 +52,13 @@ def test_release_grads_frees_device_gradients_and_stays_bitwise():
     opt.step()
     opt.zero_grad()
     train(m, opt, STEPS - 1, accum=2, start=1)
+    assert same_params(ref, m)
+    opt.close()
+
+
+def test_fused_adamw():
+    ref = reference(1, 0.05, fused=True)
+    m, opt = offloaded(1, 0.05, fused=True)
     assert same_params(ref, m)
     opt.close()
 
