@@ -476,6 +476,21 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
                                  f"{len(self._params)} parameters")
             self._counts = {id(p): int(c) for p, c in zip(self._params, counts)}
 
+    def trainer_callbacks(self) -> list:
+        """For ``transformers.Trainer`` (EfftPlugin passes these): refuses a Trainer whose
+        ``gradient_accumulation_steps`` differs from this optimizer's (updates would fire mid-cycle)."""
+        from transformers import TrainerCallback
+
+        opt = self
+
+        class _Check(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                if args.gradient_accumulation_steps != opt.accumulation:
+                    raise ValueError(f"gradient_accumulation_steps: Trainer uses {args.gradient_accumulation_steps}, "
+                                     f"Int8LayerwiseOptimizer was built for {opt.accumulation}; build it with the same value")
+
+        return [_Check()]
+
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()

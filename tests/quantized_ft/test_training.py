@@ -197,3 +197,32 @@ def test_save_pretrained_round_trip_through_load_int8_pretrained(tmp_path):
         from tests.tiny import tiny_model
         tiny_model("llama").save_pretrained(tmp_path / "plain")
         load_int8_pretrained(tmp_path / "plain")
+
+
+def test_layerwise_wrapper_under_transformers_trainer(tmp_path):
+    """Int8LayerwiseOptimizer passed to Trainer: trains, Trainer's scheduler drives the lr the hooks use,
+    and a Trainer built with another accumulation count is refused."""
+    import pytest
+    from transformers import Trainer, TrainingArguments
+
+    model = int8_model()
+    opt = Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(model), lr=2e-3))
+    data = [{k: v[i] for k, v in b.items()} for b in batches(4) for i in range(2)]
+
+    def args(**kw):
+        return TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=2e-3,
+                                 lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none",
+                                 use_cpu=True, disable_tqdm=True, **kw)
+
+    codes0 = {k: v[0] for k, v in int8_state(model).items()}
+    tr = Trainer(model=model, args=args(), train_dataset=data, optimizers=(opt, None), callbacks=opt.trainer_callbacks())
+    out = tr.train()
+    assert out.global_step == 4 and torch.isfinite(torch.tensor(out.training_loss))
+    assert opt.param_groups[0]["lr"] == 0.0  # linear decay to zero at the last step: the scheduler drives the groups
+    after = int8_state(model)
+    assert all(int(after[k][2][1]) == 4 for k in after)  # four write-backs per layer, one per optimizer step
+    assert sum(int((after[k][0] != codes0[k]).sum()) for k in after) > 0
+    tr2 = Trainer(model=model, args=args(gradient_accumulation_steps=2), train_dataset=data, optimizers=(opt, None),
+                  callbacks=opt.trainer_callbacks())
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        tr2.train()
