@@ -210,7 +210,7 @@ def tile_configs():
     """Training shapes: BLOCK_M rows share each dequantized W tile. Chosen by compiling for sm_90
     (scripts/bench_ops.py --compile-check): W tile elements a thread <= 32 and fp32 accumulator
     <= 64 registers a thread keep these under 255 registers without spills; larger tiles
-    (256x128, 128x256, BLOCK_K=128 with 8 warps) spill."""
+    (256x128, 128x256, 256x64x64, BLOCK_K=128 with 8 warps) spill."""
     if interpreter():
         return [_cfg(32, 32, 64, 1, 4, 1)]
     return [
@@ -219,6 +219,7 @@ def tile_configs():
         _cfg(64, 128, 64, 1, 8, 4),
         _cfg(128, 64, 64, 1, 8, 4),
         _cfg(128, 128, 32, 1, 8, 4),
+        _cfg(256, 64, 32, 1, 8, 4),  # dequant work per MMA work ~ 1/BLOCK_M: 256 rows halve it
     ]
 
 
