@@ -5,6 +5,7 @@ final weights (safetensors), run card and memory report.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -29,19 +30,6 @@ def _resume_target(recipe: Recipe) -> str | None:
     return None
 
 
-def save_final(model, tokenizer, out_dir: Path) -> Path:
-    """Adapters (peft) or full weights as safetensors, plus the tokenizer, written to ``out_dir/final``."""
-    final = out_dir / "final"
-    final.mkdir(parents=True, exist_ok=True)
-    save = getattr(model, "save_pretrained", None)
-    if save is None:
-        raise TypeError(f"cannot save a {type(model).__name__}: it has no save_pretrained")
-    save(str(final))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(final))
-    return final
-
-
 def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) -> dict:
     """Run a validated recipe end to end; returns the run card (also written to output_dir).
 
@@ -57,7 +45,8 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     started = time.time()
 
     model, tokenizer = load_model(recipe.model)
-    prompts = recipe.generate.prompts
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks and writes
+    prompts = recipe.generate.prompts if main else []
     before = generate_answers(model, tokenizer, prompts, recipe.generate.max_new_tokens) if prompts else []
 
     plugin = EfftPlugin(recipe)
@@ -76,7 +65,8 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     if trainer_hook is not None:
         trainer_hook(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    final_dir = save_final(trainer.model, tokenizer, out_dir)
+    final_dir = out_dir / "final"
+    trainer.save_model(str(final_dir))  # safetensors; adapters only for peft models; rank 0 only
 
     after = generate_answers(trainer.model, tokenizer, prompts, recipe.generate.max_new_tokens) if prompts else []
     cb = plugin.callback
@@ -106,8 +96,9 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
         "final_dir": str(final_dir),
         "generations": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
     }
-    cards.write_card(out_dir, card)
-    _print_summary(card, cb)
+    if trainer.is_world_process_zero():
+        cards.write_card(out_dir, card)
+        _print_summary(card, cb)
     return card
 
 

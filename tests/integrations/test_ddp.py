@@ -1,0 +1,65 @@
+"""`efft train` under torchrun (2 CPU processes, gloo) gives the losses of one process with the same
+global batch, for APOLLO, GaLore and QLoRA."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from efft import config
+from efft.train import train
+
+TINY = {"model_type": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+CASES = {
+    "apollo": {"optim": {"name": "apollo", "rank": 4, "update_proj_gap": 3}},
+    "galore": {"optim": {"name": "galore", "rank": 4, "update_proj_gap": 3, "projector": "svd"}},
+    "qlora": {"quant": {"type": "nf4", "compute_dtype": "float32", "blocksize": 32},
+              "adapter": {"type": "lora", "r": 4, "lora_alpha": 8}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("ddp") / "d.jsonl"
+    # Equal lengths, so that per-rank padding cannot change the arithmetic.
+    rows = [{"instruction": f"Add {a} and {b}.", "output": f"Answer: {a + b:02d}"} for a in range(1, 5) for b in range(1, 5)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def recipe_dict(data_path, out, batch, extra):
+    return {"model": {"config": TINY, "attn_implementation": "eager"},
+            "data": {"path": str(data_path), "max_seq_length": 64},
+            "train": {"output_dir": str(out), "max_steps": 4, "per_device_train_batch_size": batch,
+                      "learning_rate": 3e-3, "logging_steps": 1, "save_steps": 100, "seed": 5},
+            **extra}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_process_ddp_equals_single_process(case, data_path, tmp_path):
+    single = train(config.validate(recipe_dict(data_path, tmp_path / "single", 4, CASES[case])))
+    want = [l for _, l in single["loss_curve"]]
+
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(data_path, tmp_path / "ddp", 2, CASES[case])))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "efft.cli", "train", str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    card = json.loads((tmp_path / "ddp" / "card.json").read_text())
+    got = [l for _, l in card["loss_curve"]]
+    assert len(got) == len(want) == 4
+    assert got == pytest.approx(want, rel=2e-4, abs=2e-5)
