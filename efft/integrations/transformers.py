@@ -161,6 +161,11 @@ def check_training_arguments(recipe, args: TrainingArguments) -> None:
     if (recipe.optim.layerwise or recipe.offload.optimizer) and (args.deepspeed or args.fsdp):
         problems.append(("optim.layerwise" if recipe.optim.layerwise else "offload.optimizer",
                          "updates inside backward cannot run under DeepSpeed or FSDP; use DDP (torchrun) or turn it off"))
+    if q.type != "none" and (args.deepspeed or args.fsdp):
+        problems.append(("quant.type", f"{q.type} weights are packed integer buffers that FSDP/DeepSpeed cannot shard; "
+                                       "use DDP (torchrun), where each rank holds the quantized model"))
+    if recipe.optim.name in ("galore", "apollo", "apollo_mini", "frugal") and args.fsdp:
+        problems.append(("optim.name", f"{recipe.optim.name} projects whole 2-D gradients; FSDP shards them. Use DDP"))
     explicit = recipe.train.model_fields_set
     for name in sorted(explicit):
         if hasattr(args, name) and name not in ("output_dir", "report_to", "resume_from_checkpoint", "use_cpu"):
