@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         recipe = config.load_recipe(args.recipe, args.overrides, weights=args.command != "estimate")
+        from efft.compose import check_recipe
+
+        check_recipe(recipe)
     except config.RecipeError as err:
         return _bad(err)
 

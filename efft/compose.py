@@ -12,6 +12,29 @@ from torch import nn
 from efft.config import Recipe
 
 
+def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """What each plugin refuses in this recipe, beyond the schema: ``(path, message)`` pairs."""
+    from efft.offload.checks import recipe_problems as offload_problems
+    from efft.quant.trainable import int8_training_problems
+    from efft.sparsity import sparsity_problems
+
+    problems = []
+    if sparsity_enabled(recipe):
+        problems += sparsity_problems(recipe.sparsity)
+    problems += int8_training_problems(recipe)
+    problems += offload_problems(recipe)
+    return problems
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Raise RecipeError listing every plugin-level problem, before any weight loads."""
+    from efft.config import RecipeError
+
+    problems = recipe_problems(recipe)
+    if problems:
+        raise RecipeError(problems)
+
+
 def sparsity_enabled(recipe: Recipe) -> bool:
     s = recipe.sparsity
     return any(getattr(s, k).enabled for k in ("loss_tokens", "token_elimination", "sampled_linear", "partial"))

@@ -38,6 +38,9 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     from efft.data import load_dataset_from_config, make_collator
     from efft.model import generate_answers, load_model
 
+    from efft.compose import check_recipe
+
+    check_recipe(recipe)  # plugin-level refusals come before any weight loads
     t = recipe.train
     out_dir = Path(t.output_dir)
     resume = _resume_target(recipe)

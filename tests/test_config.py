@@ -169,3 +169,13 @@ def test_help_is_useful(capsys):
     out = capsys.readouterr().out
     for cmd in ("train", "validate", "estimate", "ls", "cp", "config-schema"):
         assert cmd in out
+
+
+def test_plugin_refusals_come_with_validation(tmp_path, data_file, capsys):
+    """Problems only a plugin knows (offload, int8 training) are listed by `efft validate` too."""
+    d = base(data_file)
+    d["offload"] = {"optimizer": True, "activations": True, "activation_mode": "checkpoint_inputs"}
+    d["optim"] = {"name": "galore", "layerwise": True}
+    assert main(["validate", str(write(tmp_path, d))]) == 2
+    err = capsys.readouterr().err
+    assert "offload.optimizer" in err and "offload.activation_mode" in err

@@ -109,6 +109,9 @@ class EfftPlugin:
             self.recipe = config.validate(data, source="(dict)")
         else:
             self.recipe = config.load_recipe(recipe, overrides)
+        from efft.compose import check_recipe
+
+        check_recipe(self.recipe)
         self.callback: EfftCallback | None = None
 
     def prepare_model(self, model):
