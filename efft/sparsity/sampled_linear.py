@@ -64,13 +64,14 @@ def uniform_rows(r: int, k: int, device=None, generator: Optional[torch.Generato
 
 
 def _weight_grad(gy2, x_kept, idx, scale, dtype):
-    d = gy2.index_select(0, idx)
+    """sum_t scale_t dy[idx_t]^T x_kept[t]: efft.ops' sparse weight gradient (Triton on CUDA, its torch
+    reference elsewhere) pairs the compact saved rows with dY's rows without gathering dY."""
     try:
         from efft.ops import sparse_weight_grad
     except ImportError:  # ops not present: plain torch
+        d = gy2.index_select(0, idx)
         return ((d.float() * scale[:, None]).to(d.dtype).t() @ x_kept.to(d.dtype)).to(dtype)
-    ar = torch.arange(idx.numel(), device=idx.device)
-    return sparse_weight_grad(d, x_kept, ar, row_scale=scale, out_dtype=dtype)
+    return sparse_weight_grad(gy2, x_kept, idx, row_scale=scale, out_dtype=dtype, x_compact=True)
 
 
 class SampledLinearFn(torch.autograd.Function):

@@ -116,3 +116,41 @@ def test_model_dependent_errors_before_install():
         apply_sparsity(model, _cfg(token_elimination=dict(start_layer=5)))
     with pytest.raises(ValueError, match="causal-LM"):
         apply_sparsity(torch.nn.Linear(3, 3), _cfg(loss_tokens={}))
+
+
+def test_recipe_path_quantized_base_lora_and_sparsity():
+    """The lead's composition (efft.compose.prepare_model): nf4 base -> LoRA -> sparsity -> a step.
+    Loss-token skipping stays exact on the quantized model; WTA-CRS lands on the LoRA layers."""
+    pytest.importorskip("peft")
+    from efft.compose import prepare_model
+    from efft.config import Recipe
+
+    def recipe(sparsity):
+        return Recipe(model={"config": {"model_type": "llama"}}, data={"path": "unused.jsonl"},
+                      quant={"type": "nf4", "compute_dtype": "float32"}, adapter={"type": "lora", "r": 4},
+                      sparsity=sparsity)
+
+    torch.manual_seed(0)
+    dense = prepare_model(tiny_model("llama"), recipe({}))
+    exact = prepare_model(tiny_model("llama"), recipe({"loss_tokens": {"enabled": True}}))
+    exact.load_state_dict(dense.state_dict())
+    batch = tiny_batch(seq=24, label_fraction=0.4, seed=7)
+    dense.train()
+    exact.train()
+    ref, out = dense(**batch), exact(**batch)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ref.loss.backward()
+    out.loss.backward()
+    g = _grads(exact)
+    assert g.keys() == _grads(dense).keys() and g
+    for n, p in _grads(dense).items():
+        torch.testing.assert_close(g[n], p, rtol=1e-4, atol=1e-6)
+
+    full = prepare_model(tiny_model("llama"), recipe({"loss_tokens": {"enabled": True},
+                                                      "token_elimination": {"enabled": True, "keep_ratio": 0.5},
+                                                      "sampled_linear": {"enabled": True, "keep": 0.3}}))
+    names = sampled_modules(full)
+    assert names and all(".lora_" in n for n in names)
+    full.train()
+    full(**batch).loss.backward()
+    assert all(p.grad is not None for p in full.parameters() if p.requires_grad)

@@ -177,5 +177,5 @@ def test_sample_cache_does_not_outlive_its_input():
         x = torch.randn(4, 8, requires_grad=True)
         seq[0](x).sum().backward()
         del x
-        gc.collect()
+    gc.collect()
     assert len(shared._cache) == 0
