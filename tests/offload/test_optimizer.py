@@ -217,6 +217,22 @@ def test_lr_set_after_state_dict_is_used():
     opt.close()
 
 
+def test_host_memory_exhaustion_names_the_parameter_and_size(monkeypatch):
+    from efft.offload.pinned import HostMemoryError
+
+    m = model()
+    real_empty = torch.empty
+
+    def empty(*a, **kw):
+        if kw.get("dtype") is torch.uint8:  # the host buffers
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real_empty(*a, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(HostMemoryError, match=r"parameter 0 \(256, 64\) buffer of 65536 bytes \(64.00 KiB\)"):
+        OffloadOptimizer(m.parameters(), torch.optim.AdamW, cfg())
+
+
 def test_bad_input():
     m = model()
     with pytest.raises(TypeError, match="Optimizer subclass"):
