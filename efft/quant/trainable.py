@@ -37,12 +37,12 @@ import math
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
-from .stochastic import (QMAX, dequantize_int8_blockwise, mix_seed, n_blocks, quantize_int8_blockwise,
+from .stochastic import (dequantize_int8_blockwise, mix_seed, n_blocks, quantize_int8_blockwise,
                          requantize)
 
 __all__ = [

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from efft import config
 from efft.config import OptimConfig
 from efft.optim.factory import build_optimizer
-from efft.quant.trainable import Int8TrainableLinear, int8_layers
+from efft.quant.trainable import int8_layers
 from tests.quantized_ft.helpers import assert_same_state, batches, int8_model, int8_state
 
 

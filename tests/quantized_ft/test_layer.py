@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from efft.config import QuantConfig
-from efft.quant.stochastic import dequantize_int8_blockwise, quantize_int8_blockwise
+from efft.quant.stochastic import quantize_int8_blockwise
 from efft.quant.trainable import Int8TrainableLinear, int8_layers, prepare_int8_training
 from tests.tiny import tiny_batch, tiny_model
 

@@ -4,7 +4,7 @@ import math
 import torch
 
 from efft.optim import APOLLOAdamW
-from efft.quant.trainable import Int8LayerwiseOptimizer, Int8TrainableLinear, int8_layers
+from efft.quant.trainable import Int8LayerwiseOptimizer, int8_layers
 from tests.quantized_ft.helpers import apollo_mini_groups, batches, int8_model
 from tests.tiny import tiny_model
 

@@ -1,7 +1,5 @@
 """Stochastic rounding of int8 block codes: unbiased, keeps sub-half-step updates, and keeps learning
 where round-to-nearest stalls."""
-import math
-
 import pytest
 import torch
 
