@@ -128,59 +128,106 @@ def _checkpoint_files(path: str) -> list:
     return files
 
 
+def spec_from_bnb_config(qc: dict) -> QuantSpec:
+    """QuantSpec from a transformers BitsAndBytesConfig dict (a pre-quantized checkpoint's config)."""
+    four = bool(qc.get("load_in_4bit"))
+    if not four and not qc.get("load_in_8bit"):
+        raise ValueError(f"quantization_config is neither load_in_4bit nor load_in_8bit: {qc}")
+    return QuantSpec.of(type=qc.get("bnb_4bit_quant_type", "nf4") if four else "int8",
+                        double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
+                        compute_dtype=str(qc.get("bnb_4bit_compute_dtype") or "float32").replace("torch.", ""),
+                        skip=qc.get("llm_int8_skip_modules") or ["lm_head"])
+
+
+def _owner(key: str, layers: dict):
+    """(layer name, key relative to it) when ``key`` is a checkpoint entry of a QuantLinear."""
+    from .io import _layer_key
+
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:i])
+        if name in layers:
+            rel = ".".join(parts[i:])
+            return (name, rel) if _layer_key(rel) else (None, None)
+    return None, None
+
+
 @torch.no_grad()
 def quantize_from_checkpoint(path: str, config=None, dtype: torch.dtype = torch.float32, device="cpu",
                              model_config=None, model_kwargs: Optional[dict] = None, **overrides) -> nn.Module:
     """Build a quantized transformers causal LM from a safetensors checkpoint directory, layer by layer.
 
     The model is created on the meta device (no weights), its Linear layers become empty
-    QuantLinear layers, then each checkpoint tensor is read alone, moved to ``device``, cast to
-    ``dtype`` and either quantized into its layer or assigned as a parameter/buffer, and dropped.
-    Peak host memory is about the quantized model plus one full-precision tensor.
-    ``model_kwargs`` go to ``AutoModelForCausalLM.from_config`` (e.g. ``attn_implementation``).
+    QuantLinear layers, then each layer's checkpoint entries are read alone, moved to ``device``
+    and either quantized (full-precision checkpoint: cast to ``dtype`` first) or adopted as they are
+    (a checkpoint already in the bitsandbytes layout, e.g. saved by transformers + bitsandbytes or
+    by ``save_quantized``), and dropped. Peak host memory is about the quantized model plus one
+    full-precision tensor. With ``config=None`` a pre-quantized checkpoint's
+    ``quantization_config`` decides the format. ``model_kwargs`` go to
+    ``AutoModelForCausalLM.from_config`` (e.g. ``attn_implementation``).
     """
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .io import QuantCheckpointError
+    from .io import QuantCheckpointError, load_layer_tensors
 
-    spec = QuantSpec.of(config, **overrides)
     cfg = model_config or AutoConfig.from_pretrained(path)
+    qc = getattr(cfg, "quantization_config", None)
+    if qc is not None:
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        cfg = type(cfg).from_dict({k: v for k, v in cfg.to_dict().items() if k != "quantization_config"})
+    if config is None and not overrides and qc is not None and qc.get("quant_method") == "bitsandbytes":
+        spec = spec_from_bnb_config(qc)
+    else:
+        spec = QuantSpec.of(config, **overrides)
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) are small and computed
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **(model_kwargs or {}))
     if spec.type != "none":
         quantized_skeleton(model, spec, dtype=dtype)
-    quant_layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     params = dict(model.named_parameters(remove_duplicate=False))
+
+    def read(file, key):
+        # reopen per tensor: an open mapping would keep every page read so far resident
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(key)
+
+    groups: dict = {}
+    plain = []
     for file in _checkpoint_files(path):
         with safe_open(file, framework="pt") as f:
             keys = list(f.keys())
         for key in keys:
-            # reopen per tensor: an open mapping would keep every page read so far resident
-            with safe_open(file, framework="pt") as f:
-                t = f.get_tensor(key)
-            owner, _, attr = key.rpartition(".")
-            if owner in quant_layers and attr == "weight":
-                layer = quant_layers[owner]
-                w = t.to(device=device, dtype=dtype)
-                del t
-                layer.quantize_weight_(w.t() if getattr(layer, "transposed_source", False) else w)
-                del w
-                continue
-            if key not in params:
-                continue  # e.g. rotary inv_freq saved by old versions: recomputed at init
-            mod = model.get_submodule(owner) if owner else model
-            cur = params[key]
-            if tuple(cur.shape) != tuple(t.shape):
-                raise QuantCheckpointError(f"{key}: expected shape {list(cur.shape)}, got {list(t.shape)}")
-            setattr(mod, attr, nn.Parameter(t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype),
-                                            requires_grad=cur.requires_grad))
-            del t
+            owner, rel = _owner(key, layers)
+            if owner is not None and rel != "bias":
+                groups.setdefault(owner, {})[rel] = (file, key)
+            else:
+                plain.append((file, key))
+    for owner, entries in groups.items():
+        layer = layers[owner]
+        if set(entries) == {"weight"}:  # full precision: quantize now
+            w = read(*entries["weight"]).to(device=device, dtype=dtype)
+            layer.quantize_weight_(w.t() if getattr(layer, "transposed_source", False) else w)
+            del w
+        else:
+            load_layer_tensors(layer, {rel: read(*fk).to(device) for rel, fk in entries.items()}, owner + ".")
+    for file, key in plain:
+        if key not in params:
+            continue  # e.g. rotary inv_freq saved by old versions: recomputed at init
+        owner, _, attr = key.rpartition(".")
+        t = read(file, key)
+        cur = params[key]
+        if tuple(cur.shape) != tuple(t.shape):
+            raise QuantCheckpointError(f"{key}: expected shape {list(cur.shape)}, got {list(t.shape)}")
+        mod = model.get_submodule(owner) if owner else model
+        setattr(mod, attr, nn.Parameter(t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype),
+                                        requires_grad=cur.requires_grad))
+        del t
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     still = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    still += [n for n, m in quant_layers.items() if m.weight.device.type == "meta"]
+    still += [n + ".weight" for n, m in layers.items() if m.weight.device.type == "meta"]
     if still:
         raise QuantCheckpointError(f"{still[0]}: missing from the checkpoint in {path} "
                                    f"({len(still)} tensors missing: {still[:5]})")

@@ -154,3 +154,36 @@ def test_mismatched_keys_are_named():
         sd = _good()
         sd["weight.absmax"] = sd["weight.absmax"][:-1]
         QuantLinear(128, 48).load_state_dict(sd)
+
+
+def test_transformers_loads_efft_checkpoint_as_bitsandbytes_and_back(tmp_path):
+    """save_quantized writes a directory transformers opens as a bitsandbytes 4-bit model (same
+    logits); a checkpoint quantized and saved by transformers + bitsandbytes builds an efft model
+    (same logits)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from efft.quant import quantize_from_checkpoint, quantize_model
+
+    batch = tiny_batch()
+    model = quantize_model(tiny_model("llama"), type="nf4", double_quant=True, compute_dtype="float32").eval()
+    save_quantized(model, str(tmp_path / "efft"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "efft", attn_implementation="eager")
+    assert type(hf.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    hf.train()  # bitsandbytes' eval mode on AVX512-BF16 CPUs switches to a bf16 kernel
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"]).logits
+        torch.testing.assert_close(hf(input_ids=batch["input_ids"]).logits, want, rtol=0, atol=0)
+    # the other way: transformers quantizes a full-precision checkpoint and saves it
+    # (transformers 5.23 cannot re-save a model it loaded pre-quantized, so start from fp32)
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "fp")
+    bc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=bc, dtype=torch.float32,
+                                              attn_implementation="eager")
+    hf.save_pretrained(tmp_path / "hf")
+    back = quantize_from_checkpoint(str(tmp_path / "hf"), model_kwargs={"attn_implementation": "eager"})
+    assert all(m.quant_type == "fp4" and m.double_quant for m in back.modules() if isinstance(m, QuantLinear))
+    hf.train()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=batch["input_ids"]).logits,
+                                   hf(input_ids=batch["input_ids"]).logits, rtol=0, atol=0)
