@@ -682,7 +682,11 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         is_weight_of_quantized = owner is not None and owner[0] in quantized and pname.endswith("weight")
         if is_weight_of_quantized:
             out_f, in_f = shape
-            if quant4:
+            if a.type == "peqa":
+                # efft.quant.peqa: frozen codes (+ 4-bit code table); the scales become float32
+                # parameters (counted as adapters), the double-quant statistics are dropped
+                weights += (out_f * in_f + 1) // 2 + 16 * 4 if quant4 else out_f * in_f
+            elif quant4:
                 weights += quant4_bytes(out_f * in_f, q.blocksize, q.double_quant)
             elif int8_train:
                 weights += int8_blockwise_bytes(out_f, in_f, q.blocksize)
@@ -729,10 +733,10 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
                         adapter_params.append((f"{name}.{pn}(copy)", tuple(p.shape), p.element_size()))
     elif a.type == "peqa":
         for name, mod in linears:
-            if name in quantized and quant4:
-                blocks = -(-mod.in_features * mod.out_features // q.blocksize)
-                adapter_params.append((name + ".scales", (blocks,), 4))
-        notes.append("peqa: one trainable float32 scale per quantization block (layout of efft.quant.peqa, not yet measured)")
+            if name in quantized:
+                # one float32 scale per block (4-bit) or per row (int8), the only trainable tensors
+                blocks = -(-mod.in_features * mod.out_features // q.blocksize) if quant4 else mod.out_features
+                adapter_params.append((name + ".block_scales", (blocks,), 4))
     adapters = sum(math.prod(s) * b for _, s, b in adapter_params)
     partial_targets = set()
     if sp.partial.enabled:
@@ -832,6 +836,8 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         n0 = names[0]
         if n0 in targets:
             kinds[nm] = "lora"
+        elif a.type == "peqa" and n0 in quantized:
+            kinds[nm] = "full"  # PEQA saves the layer input for the scale gradients
         elif full_ft and n0 not in quantized:
             kinds[nm] = "full"
         elif int8_train and n0 in quantized:

@@ -1,8 +1,8 @@
 """Build what a recipe trains on CPU (tiny shapes) and measure it, to check the planner against
 real tensors: used by tests/memory and by ``python -m efft.memory.card``.
 
-The model is built from the recipe's ``model`` section (full fine-tune, peft LoRA, efft.sparsity as
-the recipe enables); gradient checkpointing is reentrant here so that the recompute of each layer in
+The model is built from the recipe's ``model`` section and prepared by ``efft.compose.prepare_model``
+(quantization, adapters, PEQA, efft.sparsity: the training code path); gradient checkpointing is reentrant here so that the recompute of each layer in
 backward passes through the saved-tensor hooks (transformers' default, non-reentrant, hides it).
 """
 from __future__ import annotations
@@ -24,23 +24,17 @@ def build(recipe_dict: Any, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=est._DTYPE[r.model.dtype],
                                              attn_implementation=r.model.attn_implementation)
-    if r.adapter.type == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=r.adapter.r, lora_alpha=r.adapter.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=r.adapter.target_modules))
     if r.train.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:  # transformers >= 5.2x name
             enable(activation_checkpointing_kwargs={"use_reentrant": True})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model.enable_input_require_grads()
-    s = r.sparsity
-    if any(getattr(s, k).enabled for k in ("loss_tokens", "token_elimination", "sampled_linear", "partial")):
-        from efft.sparsity import apply_sparsity
+    if r.offload.activations:
+        raise ValueError("validate.build: activation offload installs its own saved-tensor hooks; measure without it")
+    from efft.compose import prepare_model
 
-        apply_sparsity(model, s)
+    model = prepare_model(model, r)  # quantize -> adapter -> sparsity, as training does
     model.train()
     return r, cfg, model
 

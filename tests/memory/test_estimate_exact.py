@@ -216,3 +216,31 @@ def test_partial_connections_exact():
     assert e.weights == w["frozen"] + w["buffers"]
     assert e.gradients == grads
     assert e.optimizer_state == optimizer_state_bytes(opt)
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "int8"])
+def test_peqa_exact(qtype):
+    from transformers import AutoModelForCausalLM
+
+    from efft.quant.convert import quantize_model
+    from efft.quant.peqa import prepare_peqa
+
+    rd = recipe(tiny_block("llama", hidden=64, inter=192), batch=1, seq=8, quant={"type": qtype, "compute_dtype": "float32"},
+                adapter={"type": "peqa"})
+    r = est._recipe_from(rd)
+    cfg = est.resolve_config(r.model)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    quantize_model(model, r.quant)
+    prepare_peqa(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(**batch_for(r, cfg)).loss.backward()
+    grads = gradient_bytes(model)
+    opt.step()
+    e = est.estimate(rd)
+    w = weight_bytes(model)
+    assert e.adapters == w["trainable"]
+    assert e.weights == w["frozen"] + w["buffers"]
+    assert e.gradients == grads
+    assert e.optimizer_state == optimizer_state_bytes(opt)
