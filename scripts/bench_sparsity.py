@@ -179,6 +179,10 @@ def quality():
 
     lora = peft.get_peft_model(pretrained_base(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     _, out["paca_lora_r4"] = train_losses(lora, 40, 2e-2, **kw)
+    from efft.sparsity import apply_sampled_linear
+
+    torch.manual_seed(0)
+    _, out["wta_keep0.3"] = train_losses(apply_sampled_linear(pretrained_base(), keep=0.3), 40, 3e-3, **kw)
     kw = dict(seq=32, vocab=32, strides=(4, 5), prompt=16)
     _, out["te_start"] = train_losses(pretrained_base(), 0, 1e-3, **kw)
     _, out["te_dense"] = train_losses(pretrained_base(), 40, 3e-3, **kw)
@@ -288,7 +292,11 @@ def write_card(res, q, args, device_desc, path, commands):
               f"{q['paca_0.25']:.3f} (LoRA r4, similar size: {q['paca_lora_r4']:.3f}) | within 0.15 of full FT |",
               f"| token elimination keep 0.5 from layer 1 vs dense (seq 32, first 16 unlabeled) | {q['te_start']:.3f} | "
               f"{q['te_dense']:.3f} | {q['te_keep0.5']:.3f} (unbiased option: {q['te_keep0.5_unbiased']:.3f}) | "
-              "within 0.2 of dense |", ""]
+              "within 0.2 of dense |"]
+        if "wta_keep0.3" in q:
+            L += [f"| WTA-CRS keep 0.3 vs exact gradients, full fine-tuning (seq 16) | {q['paca_start']:.3f} | "
+                  f"{q['paca_full_ft']:.3f} | {q['wta_keep0.3']:.3f} | within 0.1 of exact |"]
+        L.append("")
     L += ["## Exactness and statistics (tests/sparsity)", "",
           "| method | kind | what the tests check |", "|---|---|---|",
           "| loss_tokens | exact | loss and every parameter gradient = the model's own dense forward, within 1e-5 relative in "
@@ -334,8 +342,8 @@ def main():
     ap.add_argument("--lc-layers", type=int, default=8)
     ap.add_argument("--lc-label-fraction", type=float, default=0.1)
     ap.add_argument("--lc-reps", type=int, default=2)
-    ap.add_argument("--only", choices=["all", "main", "long", "card"], default="all",
-                    help="card: rewrite the card from the JSON without measuring")
+    ap.add_argument("--only", choices=["all", "main", "long", "card", "quality"], default="all",
+                    help="card: rewrite the card from the JSON; quality: re-run only the quality checks")
     ap.add_argument("--reuse", action="store_true", help="keep the other sweep's results (and quality) from the JSON")
     ap.add_argument("--out", default=str(ROOT / "cards" / "sparsity.md"))
     args = ap.parse_args()
@@ -376,9 +384,11 @@ def main():
         for name, r in measure(models, batch, args.lc_reps, device).items():
             report(dict(r, seq=args.lc_seq, method=name, sweep="long"))
         del models
-    if args.only == "card":
+    if args.only in ("card", "quality"):
         old = json.loads(out.with_suffix(".json").read_text())
         res, commands = old["results"], old["meta"].get("commands", {})
+        if args.only == "quality":
+            commands["quality"] = command
     q = old.get("quality") if args.no_quality or args.only == "card" else quality()
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": desc, "torch": torch.__version__, "args": vars(args), "commands": commands}

@@ -81,6 +81,7 @@ def test_on_peft_lora_model():
     model.train()
     out = model(**tiny_batch(seq=24, label_fraction=0.4))
     assert out.logits is None
+    assert model.base_model.model._efft_token_elimination.last_kept  # elimination ran under peft's forward
     out.loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
