@@ -188,7 +188,8 @@ def write_card(scratch: list[dict], finetunes: dict[float, list[dict]], args, ou
         f"- model: Llama from `tests/tiny.py` (vocab {VOCAB}, hidden 64, intermediate 128, 2 layers, 14 Linear layers), float32",
         f"- data: random bigram languages, 4 successors per token with p = {PROBS} (loss floor = entropy "
         f"{bigram_entropy():.3f} nats; uniform guess {math.log(VOCAB):.3f}); batch 8 x 64 tokens; final loss = mean "
-        "over 4 held-out batches; same initialisation and batches for every row of a table; constant lr, no weight decay",
+        "over 4 held-out batches; same initialisation and batches for every row of a table; constant lr, no weight decay; "
+        "one seed (the run is deterministic: rerunning gives the same numbers)",
         "- int8: block-wise absmax (blocksize 64), float32 scale per block, update computed in float32, written back "
         "with stochastic rounding (or round-to-nearest: the ablation); APOLLO-Mini = efft `APOLLOAdamW` rank 1, tensor "
         "scale 128 on the decoder's 2-D weights (AdamW on norms and, when trainable, embedding/head), updated "
