@@ -9,8 +9,10 @@ its forward hook leaves it; hooks on each layer only say which layer is running.
 - never: parameters or buffers (recognised by storage, kept by reference), the last layer's tensors
   (backward needs them first), anything outside the layers (final norm, LM head, loss);
 - ``activation_mode: checkpoint_inputs``: only each layer's input hidden states, which is what
-  gradient checkpointing keeps (with transformers >= 5 checkpointing wraps ``forward``, so the layer
-  hooks sit outside the checkpoint and its recompute never reaches these hooks);
+  gradient checkpointing keeps. Recent transformers checkpoint ``forward``, so the layer hooks sit
+  outside the checkpoint and the inputs are saved inside the layer's hook window; where the
+  checkpoint wraps the whole module call instead, the inputs are saved between two layers and are
+  recognised as the previous layer's output (layer 0's input then stays on the device);
 - nothing when the sequence is shorter than ``min_seq_length``, in eval, or under no_grad.
 
 In backward, unpacking any tensor of layer L starts copies back for layers L .. L-``prefetch_layers``
@@ -120,6 +122,7 @@ class ActivationOffload:
         self._ctx = None
         self._layer: Optional[int] = None
         self._layer_input: Optional[torch.Tensor] = None
+        self._between: Optional[tuple] = None  # (next layer, previous layer's output) between layers
         self._fid = 0
         self._param_ptrs: set = set()
         self._dedupe: dict = {}
@@ -130,7 +133,7 @@ class ActivationOffload:
         ]
         for i, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(self._layer_post, always_call=True))
+            self._handles.append(layer.register_forward_hook(self._layer_post(i), always_call=True))
 
     # ------------------------------------------------------------------------------ hooks
     def _checkpointing(self) -> bool:
@@ -165,25 +168,37 @@ class ActivationOffload:
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             ctx.__exit__(None, None, None)
-            self._layer = self._layer_input = None
+            self._layer = self._layer_input = self._between = None
             self._dedupe.clear()
         return None
 
     def _layer_pre(self, i: int):
         def hook(module, args, kwargs):
             if self._ctx is not None:
-                self._layer = i
+                self._layer, self._between = i, None
                 x = args[0] if args else kwargs.get("hidden_states")
                 self._layer_input = x if isinstance(x, torch.Tensor) else None
             return None
         return hook
 
-    def _layer_post(self, module, args, output):
-        self._layer = self._layer_input = None
-        return None
+    def _layer_post(self, i: int):
+        def hook(module, args, output):
+            self._layer = self._layer_input = self._between = None
+            if self._ctx is not None:
+                out = output[0] if isinstance(output, (tuple, list)) and output else output
+                if isinstance(out, torch.Tensor) and i + 1 < len(self.layers):
+                    self._between = (i + 1, out)
+            return None
+        return hook
 
     # ------------------------------------------------------------------------------ pack / unpack
-    def _keep_reason(self, t: torch.Tensor, layer: Optional[int]) -> Optional[str]:
+    def _where(self, t: torch.Tensor) -> tuple[Optional[int], Optional[torch.Tensor]]:
+        """(layer the tensor belongs to, that layer's input) for a tensor being saved now."""
+        if self._layer is None and self._between is not None and _same(t, self._between[1]):
+            return self._between  # a checkpoint saving the next layer's input before its hooks ran
+        return self._layer, self._layer_input
+
+    def _keep_reason(self, t: torch.Tensor, layer: Optional[int], x: Optional[torch.Tensor]) -> Optional[str]:
         if layer is None:
             return "outside layers"
         if layer == len(self.layers) - 1:
@@ -200,10 +215,8 @@ class ActivationOffload:
             return "small"
         if not _dense(t):
             return "not dense"
-        if self.mode == "checkpoint_inputs":
-            x = self._layer_input
-            if x is None or t.data_ptr() != x.data_ptr() or t.shape != x.shape:
-                return "not a checkpoint input"
+        if self.mode == "checkpoint_inputs" and (x is None or not _same(t, x)):
+            return "not a checkpoint input"
         return None
 
     def _note(self, *event) -> None:
@@ -211,8 +224,8 @@ class ActivationOffload:
             self.trace.append(event)
 
     def _pack(self, t: torch.Tensor):
-        layer = self._layer
-        why = self._keep_reason(t, layer)
+        layer, x = self._where(t)
+        why = self._keep_reason(t, layer, x)
         if why is not None:
             self.stats["kept"] += 1
             self.stats["kept_bytes"] += t.numel() * t.element_size()
@@ -278,6 +291,11 @@ class ActivationOffload:
     def __repr__(self) -> str:
         return (f"ActivationOffload(mode={self.mode}, layers={len(self.layers)}, min_offload_bytes={self.min_bytes}, "
                 f"prefetch_layers={self.prefetch_layers}, min_seq_length={self.min_seq_length})")
+
+
+def _same(t: torch.Tensor, x: torch.Tensor) -> bool:
+    """The same memory seen the same way (what autograd saves of a tensor is often a new wrapper)."""
+    return t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.dtype == x.dtype
 
 
 def _dense(t: torch.Tensor) -> bool:
