@@ -1,7 +1,6 @@
 """The recipe path (efft.compose): offload.optimizer / offload.activations on top of the recipe's
 optimizer give bitwise the same training as the same recipe without offload."""
 import pytest
-import torch
 
 from tests.offload.helpers import model, same_params, train
 

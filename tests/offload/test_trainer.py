@@ -2,7 +2,6 @@
 scheduler and checkpoint resume give bitwise the same weights as Trainer with plain AdamW."""
 import warnings
 
-import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
