@@ -792,25 +792,27 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     step_ws = 0
     plain_bytes_tmp = 0
     any_8bit = False
+    per_param: list[tuple[int, int]] = []  # (parameter bytes, its state bytes), for offload placement
     for pname, shape, gb in train_params:
         numel = math.prod(shape)
         if pname in lowrank_names and len(shape) == 2:
             st, ws = _lowrank_state(shape, gb, o, rank, projector, efft_bits)
-            opt_state += st
             step_ws = max(step_ws, ws)
         elif bnb8:
             if numel >= 4096:  # bitsandbytes' min_8bit_size
-                opt_state += 2 * numel + 2 * 4 * -(-numel // 256)
+                st = 2 * numel + 2 * 4 * -(-numel // 256)
                 any_8bit = True
             else:
-                opt_state += 2 * 4 * numel
+                st = 2 * 4 * numel
         elif torch_adamw:
-            opt_state += 2 * gb * numel + 4
+            st = 2 * gb * numel + 4
             plain_bytes_tmp += gb * numel  # foreach sqrt(v) over the group: one moment-sized temporary
         else:
-            opt_state += 2 * _moment_bytes(numel, efft_bits)
+            st = 2 * _moment_bytes(numel, efft_bits)
             # efft's foreach AdamW part: float32 copies of non-fp32 gradients + sqrt(v)
             plain_bytes_tmp += (4 if gb == 4 else 8) * numel
+        opt_state += st
+        per_param.append((gb * numel, st))
     if any_8bit:
         opt_state += 2 * 256 * 4  # the two quantization maps, shared by all parameters
     if o.layerwise:
@@ -819,10 +821,16 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         step_ws = max(step_ws, plain_bytes_tmp)
     host = 0
     if off.optimizer:
-        host += opt_state
-        opt_state_device = 0
-        step_ws = 0  # the step runs on the host
-        notes.append("offload.optimizer: optimizer state and step on the host (pinned) memory")
+        # efft.offload.optimizer: a parameter of at least keep_small_params_on_device_bytes gets a
+        # host copy, a host gradient buffer and its state on the host; smaller parameters, and
+        # parameters whose state is smaller than that (low-rank states), stay on the device.
+        keep = max(off.keep_small_params_on_device_bytes, 1)
+        on_host = [(pb, st) for pb, st in per_param if pb >= keep and st >= keep]
+        host_state = sum(st for pb, st in on_host)
+        host += host_state + sum(2 * pb for pb, st in on_host)
+        opt_state_device = opt_state - host_state
+        step_ws = 0
+        notes.append("offload.optimizer: states of parameters >= keep_small_params_on_device_bytes on the host")
     else:
         opt_state_device = opt_state
 

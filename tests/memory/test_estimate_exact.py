@@ -197,9 +197,10 @@ def test_int8_rowwise_bytes_equal_bitsandbytes():
 
 def test_optimizer_offload_moves_state_to_host():
     base = recipe(tiny_block("llama"), batch=1, seq=8)
-    off = recipe(tiny_block("llama"), batch=1, seq=8, offload={"optimizer": True})
+    off = recipe(tiny_block("llama"), batch=1, seq=8, offload={"optimizer": True, "keep_small_params_on_device_bytes": 0})
     a, b = est.estimate(base), est.estimate(off)
-    assert b.optimizer_state == 0 and b.host == a.optimizer_state > 0
+    # every state on the host, plus a host copy and a gradient buffer of each parameter
+    assert b.optimizer_state == 0 and b.host == a.optimizer_state + 2 * a.gradients > 0
 
 
 def test_partial_connections_exact():
@@ -244,3 +245,22 @@ def test_peqa_exact(qtype):
     assert e.weights == w["frozen"] + w["buffers"]
     assert e.gradients == grads
     assert e.optimizer_state == optimizer_state_bytes(opt)
+
+
+@pytest.mark.parametrize("name", ["adamw", "apollo_mini"])
+def test_optimizer_offload_host_bytes_exact(name):
+    """efft.offload's optimizer: large parameters' states and buffers on the host (host == device on
+    CPU, so its own host_bytes() report is the measurement), small ones on the device."""
+    from efft.offload.optimizer import offload_optimizer
+    from efft.optim.factory import build_optimizer
+
+    rd = recipe(tiny_block("llama"), batch=1, seq=8, optim={"name": name},
+                offload={"optimizer": True, "keep_small_params_on_device_bytes": 20000, "pin_memory": False})
+    r, cfg, model = build(rd)
+    opt = offload_optimizer(build_optimizer(model, r.optim, lr=1e-3), r.offload)
+    model(**batch_for(r, cfg)).loss.backward()
+    opt.step()
+    e = est.estimate(rd)
+    assert e.host == opt.host_bytes() > 0
+    assert e.optimizer_state + (e.details["optimizer_state_total"] - e.optimizer_state) == optimizer_state_bytes(opt)
+    assert 0 < e.optimizer_state < e.details["optimizer_state_total"]
