@@ -107,6 +107,17 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("absmax", torch.zeros(nb, dtype=torch.float32, device=device), **kw)
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the packed weight and statistics; dtype casts (``model.half()``,
+        ``model.to(torch.bfloat16)``) do not: the codes and their float32 scales are the format."""
+        before = {k: v for k, v in self._buffers.items() if v is not None}
+        super()._apply(fn, recurse)
+        for k, old in before.items():
+            new = self._buffers[k]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(new.device)
+        return self
+
     @property
     def quant_state(self) -> QuantState:
         """The QuantState view of this layer's buffers (4-bit only)."""

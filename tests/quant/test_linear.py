@@ -154,3 +154,43 @@ def test_quantization_error_is_what_the_format_promises():
     fp4 = sqnr(QuantLinear.from_linear(lin, quant_type="fp4").dequantize())
     i8 = sqnr(QuantLinear.from_linear(lin, quant_type="int8").dequantize())
     assert 18 < nf4 < 23 and 14 < fp4 < nf4 and 38 < i8 < 46, (nf4, fp4, i8)
+
+
+def test_dtype_casts_leave_the_format_alone():
+    """model.to(bfloat16) casts the bias, never the float32 statistics or the codes."""
+    lin = _linear()
+    q = QuantLinear.from_linear(lin, compute_dtype=torch.bfloat16, double_quant=True)
+    before = {k: v.clone() for k, v in q.state_dict().items() if k != "bias"}
+    w = q.dequantize()
+    q.to(torch.bfloat16)
+    q.half()
+    after = q.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert q.bias.dtype == torch.float16
+    assert torch.equal(q.dequantize(), w)
+
+
+def test_lora_on_int8_base_matches_reference():
+    from efft.quant.peft import apply_lora
+
+    lin = _linear(64, 32)
+    net = torch.nn.Sequential(QuantLinear.from_linear(lin, quant_type="int8", compute_dtype=torch.float32))
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    ref[0].weight.data.copy_(net[0].dequantize())
+    ref[0].bias.data.copy_(lin.bias.detach())
+    cfg = {"type": "lora", "r": 2, "lora_alpha": 4, "target_modules": ["0"], "task_type": None}
+    pq, pr = apply_lora(net, cfg), apply_lora(ref, cfg)
+    for m in (pq, pr):
+        torch.manual_seed(1)
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.data.normal_()
+    x = torch.randn(5, 64)
+    pq(x).square().sum().backward()
+    pr(x).square().sum().backward()
+    gq = {n: p.grad for n, p in pq.named_parameters() if p.requires_grad}
+    gr = {n: p.grad for n, p in pr.named_parameters() if p.requires_grad}
+    assert sorted(gq) == sorted(gr) and len(gq) == 2
+    for n in gq:
+        torch.testing.assert_close(gq[n], gr[n], rtol=1e-5, atol=1e-5)
