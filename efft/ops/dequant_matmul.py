@@ -109,6 +109,7 @@ class DequantMatmul(torch.autograd.Function):
         ctx.state = state
         ctx.impl_bwd = impl_bwd
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_dtype = x.dtype
         ctx.save_for_backward(packed)
         return _forward(x, packed, state, bias, impl_fwd)
 
@@ -117,7 +118,7 @@ class DequantMatmul(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         dx = db = None
         if ctx.needs_input_grad[0]:
-            dx = _backward_input(dy, packed, ctx.state, ctx.impl_bwd)
+            dx = _backward_input(dy.to(ctx.x_dtype), packed, ctx.state, ctx.impl_bwd)
         if ctx.needs_input_grad[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
         return dx, None, db, None, None, None
