@@ -169,28 +169,54 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def drive_gpu(args) -> int:
-    results = {}
-    for mode in args.modes:
-        cmd = [sys.executable, __file__, "--_worker", mode, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        print(f"[bench_offload] {mode} ...", flush=True)
+def run_worker(mode: str, args, seq: int) -> dict:
+    """One mode in a fresh subprocess (clean allocator, exact peak); errors come back as a reason."""
+    cmd = [sys.executable, __file__, "--_worker", mode, "--batch", str(args.batch), "--seq", str(seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    print(f"[bench_offload] {mode} seq {seq} ...", flush=True)
+    try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-        if p.returncode != 0 or not line:
-            why = (p.stderr.strip().splitlines() or ["failed"])[-1][:300]
-            results[mode] = {"mode": mode, "error": why}
-            print(f"    not run: {why}")
-            continue
-        results[mode] = json.loads(line[-1][7:])
-        r = results[mode]
-        print(f"    step {r['step_s']:.3f} s   peak {r['peak_bytes'] / 2**30:.2f} GiB")
+    except subprocess.TimeoutExpired:
+        return {"mode": mode, "error": f"timed out after {args.timeout} s"}
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not line:
+        why = (p.stderr.strip().splitlines() or ["failed"])[-1][:300]
+        print(f"    not run: {why}")
+        return {"mode": mode, "error": why}
+    r = json.loads(line[-1][7:])
+    print(f"    step {r['step_s']:.3f} s   peak {r['peak_bytes'] / 2**30:.2f} GiB")
+    return r
+
+
+def seq_sweep(args) -> list[dict]:
+    """Step time of activation offload vs none per sequence length: where offload stops paying is
+    the min_seq_length to put in recipes (below it the copies are not hidden behind compute)."""
+    rows = []
+    for seq in args.sweep:
+        pair = {m: run_worker(m, args, seq) for m in ("gc", "gc_act_offload", "baseline", "act_offload")}
+        row = {"seq": seq}
+        for off, base in (("gc_act_offload", "gc"), ("act_offload", "baseline")):
+            if "error" not in pair[off] and "error" not in pair[base]:
+                row[off] = pair[off]["step_s"] / pair[base]["step_s"]
+        rows.append(row)
+    return rows
+
+
+def drive_gpu(args) -> int:
+    results = {mode: run_worker(mode, args, args.seq) for mode in args.modes}
+    sweep = seq_sweep(args) if args.sweep else []
     report = summarize(results)
     meta = {"device": gpu_name(), "shape": LLAMA_1B, "batch": args.batch, "seq": args.seq, "steps": args.steps,
             "torch": __import__("torch").__version__, "python": platform.python_version()}
-    Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "summary": report}, indent=1))
-    write_card_section(Path(args.card), "gpu", gpu_markdown(meta, report))
-    print(gpu_markdown(meta, report))
+    Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "summary": report, "seq_sweep": sweep}, indent=1))
+    md = gpu_markdown(meta, report)
+    if sweep:
+        md += "\n\nStep time with activation offload / without, by sequence length (offload pays where the ratio is near 1):\n\n"
+        md += "| seq | checkpoint inputs offloaded / gc | all offloaded / none |\n| ---: | ---: | ---: |\n"
+        md += "\n".join(f"| {r['seq']} | {r.get('gc_act_offload', float('nan')):.2f} | {r.get('act_offload', float('nan')):.2f} |"
+                         for r in sweep)
+    write_card_section(Path(args.card), "gpu", md)
+    print(md)
     return 0
 
 
@@ -219,15 +245,18 @@ def gpu_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"Measured on **{meta['device']}**, torch {meta['torch']}, Llama {meta['shape']['num_hidden_layers']} layers x "
              f"{meta['shape']['hidden_size']} (~1.1B parameters, fp32 weights, bf16 autocast), batch {meta['batch']} x "
              f"{meta['seq']} tokens, median of {meta['steps']} steps.", "",
-             "| mode | peak GiB | step s | vs | memory beyond weights saved (grads + state + activations) | step time ratio |",
-             "| --- | ---: | ---: | --- | ---: | ---: |"]
+             "| mode | peak GiB | step s | vs | memory beyond weights saved (grads + state + activations) | step time ratio | target (>= 60% saved, <= 1.15x) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | --- |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | not run: {r['error']} | | | | |")
+            lines.append(f"| {r['mode']} | not run: {r['error']} | | | | | |")
             continue
-        sv = f"{100 * r['state_act_saving']:.0f}%" if r.get("state_act_saving") is not None else ""
-        tr = f"{r['time_ratio']:.2f}x" if "time_ratio" in r else ""
-        lines.append(f"| {r['mode']} | {r['peak_gib']:.2f} | {r['step_s']:.3f} | {r.get('vs', '')} | {sv} | {tr} |")
+        saving, ratio = r.get("state_act_saving"), r.get("time_ratio")
+        sv = f"{100 * saving:.0f}%" if saving is not None else ""
+        tr = f"{ratio:.2f}x" if ratio is not None else ""
+        met = "" if saving is None or ratio is None or r["mode"] in ("baseline", "gc") else (
+            "met" if saving >= 0.60 and ratio <= 1.15 else "missed")
+        lines.append(f"| {r['mode']} | {r['peak_gib']:.2f} | {r['step_s']:.3f} | {r.get('vs', '')} | {sv} | {tr} | {met} |")
     return "\n".join(lines)
 
 
@@ -345,6 +374,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="--cpu-overlap: offload worker threads")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per GPU mode")
+    ap.add_argument("--sweep", default="", help="GPU: comma-separated sequence lengths for the min_seq_length sweep, e.g. 256,512,1024,2048")
     ap.add_argument("--json", default=None)
     ap.add_argument("--card", default=None)
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -353,6 +383,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     args.modes = [m for m in args.modes.split(",") if m]
+    args.sweep = [int(x) for x in args.sweep.split(",") if x]
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         ap.error(f"unknown modes {bad}; choose from {MODES}")

@@ -28,3 +28,36 @@ def test_without_gpu_explains_and_exits_zero():
         pytest.skip("a GPU is present: the script would run the real benchmark")
     p = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "no CUDA device" in p.stdout
+
+
+def test_gpu_report_formatting_with_stand_in_results(tmp_path, monkeypatch):
+    """The GPU driver's bookkeeping (ratios, errors, sweep, card section) without a GPU: each mode's
+    subprocess is replaced by a stand-in result."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_offload", SCRIPT)
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    gib = 2**30
+
+    def fake(mode, args, seq):
+        if mode == "torchao_offload":
+            return {"mode": mode, "error": "No module named 'torchao'"}
+        peak = {"baseline": 30, "gc": 20, "gc_opt_act_offload": 8}.get(mode, 16)
+        return {"mode": mode, "step_s": 1.1 if "offload" in mode else 1.0, "peak_bytes": peak * gib, "weight_bytes": 4 * gib}
+
+    monkeypatch.setattr(b, "run_worker", fake)
+    monkeypatch.setattr(b, "gpu_name", lambda: "Stand-in GPU")
+    card = tmp_path / "card.md"
+    card.write_text("# card\n\n<!-- gpu:begin -->\nold\n<!-- gpu:end -->\n\ntail\n")
+    args = type("A", (), dict(modes=b.MODES, sweep=[512], batch=1, seq=64, steps=1, warmup=0, timeout=1,
+                              json=str(tmp_path / "o.json"), card=str(card)))()
+    assert b.drive_gpu(args) == 0
+    text = card.read_text()
+    assert "old" not in text and text.endswith("tail\n") and "Stand-in GPU" in text
+    # gc_opt_act_offload vs gc: 1 - (8-4)/(20-4) = 75% saved at 1.10x: meets the target.
+    assert "| gc_opt_act_offload | 8.00 | 1.100 | gc | 75% | 1.10x | met |" in text
+    assert "| opt_offload | 16.00 | 1.100 | baseline | 54% | 1.10x | missed |" in text
+    assert "torchao_offload | not run: No module named 'torchao'" in text
+    assert "| 512 | 1.10 | 1.10 |" in text
+    assert json.loads((tmp_path / "o.json").read_text())["meta"]["device"] == "Stand-in GPU"
