@@ -15,9 +15,10 @@ dx = dy W and the bias gradient are exact. Layers that share an input (q/k/v, ga
 sample, so the kept rows are stored once, as autograd stores the shared input once.
 
 Applies to every ``nn.Linear`` whose weight trains: plain layers, peft LoRA's ``lora_A``/``lora_B``
-(the layers that keep the input of a LoRA-wrapped base, frozen or quantized, for their gradients).
-A frozen layer (nn.Linear or efft's QuantLinear base) keeps no input for a weight gradient, so
-there is nothing to sample there and it is left as is. Uses ``efft.ops.sparse_weight_grad`` for
+(the layers that keep the input of a LoRA-wrapped base, frozen or quantized, for their gradients),
+and quantized layers with a trainable weight carrier (efft's Int8TrainableLinear: dequantize() in
+forward and backward, only sampled rows kept). A frozen layer (nn.Linear or a QuantLinear base)
+keeps no input for a weight gradient, so there is nothing to sample there and it is left as is. Uses ``efft.ops.sparse_weight_grad`` for
 the sampled product (Triton on CUDA, its torch reference otherwise).
 """
 from __future__ import annotations
@@ -97,6 +98,31 @@ class SampledLinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+class DequantSampledLinearFn(torch.autograd.Function):
+    """The same for a quantized layer with a trainable weight (efft's Int8TrainableLinear: int8
+    codes, float32 gradient carrier): W is dequantized in forward and again in backward for dx, never
+    kept; dW (the carrier's gradient) is the WTA-CRS estimate."""
+
+    @staticmethod
+    def forward(ctx, x, carrier, bias, x_kept, idx, scale, state, layer):
+        cd = getattr(layer, "compute_dtype", None) or x.dtype
+        y = F.linear(x.to(cd), layer.dequantize(cd), None if bias is None else bias.to(cd))
+        ctx.save_for_backward(x_kept, idx, scale)
+        ctx.layer, ctx.state, ctx.cd, ctx.x_dtype, ctx.x_shape = layer, state, cd, x.dtype, x.shape
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x_kept, idx, scale = ctx.saved_tensors
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = (gy.to(ctx.cd) @ ctx.layer.dequantize(ctx.cd)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = _weight_grad(gy2.to(ctx.cd), x_kept.to(ctx.cd), idx, scale, ctx.state.weight_dtype) if ctx.needs_input_grad[1] else None
+        gb = gy2.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        ctx.state.observe(gy2, ctx.x_shape)
+        return gx, gw, gb, None, None, None, None, None
+
+
 class _LayerState:
     """Per-layer proxy of ||dy|| by position (from the last backward) and the shared-sample cache."""
 
@@ -153,16 +179,26 @@ class SharedSamples:
         return out
 
 
-def _sampled_forward(module: nn.Linear, state: _LayerState):
+def _sampled_forward(module: nn.Module, state: _LayerState, dequant: bool):
     orig = module.forward
 
     def forward(x):
         if not (torch.is_grad_enabled() and module.weight.requires_grad and module.training):
             return orig(x)
         kept, idx, scale = state.shared.get(x, state)
+        if dequant:
+            return DequantSampledLinearFn.apply(x, module.weight, module.bias, kept, idx, scale, state, module)
         return SampledLinearFn.apply(x, module.weight, module.bias, kept, idx, scale, state)
 
     return forward
+
+
+def _trainable_quantized(m: nn.Module) -> bool:
+    """A quantized linear (duck-typed: in/out_features, dequantize()) whose ``weight`` parameter is
+    a trainable gradient carrier of shape (out, in), like efft's Int8TrainableLinear."""
+    w = getattr(m, "weight", None)
+    return (type(m) is not nn.Linear and callable(getattr(m, "dequantize", None)) and hasattr(m, "in_features")
+            and isinstance(w, nn.Parameter) and w.requires_grad and tuple(w.shape) == (m.out_features, m.in_features))
 
 
 def _name_matches(name: str, targets) -> bool:
@@ -197,13 +233,14 @@ def apply_sampled_linear(model: nn.Module, keep: float = 0.3, deterministic_frac
     shared = getattr(model, "_efft_sampled_shared", None) or SharedSamples()
     done = []
     for name, m in model.named_modules():
-        if type(m) is not nn.Linear or m is head or hasattr(m, "_efft_sampled") or not _name_matches(name, target_modules):
+        if m is head or hasattr(m, "_efft_sampled") or not _name_matches(name, target_modules):
             continue
-        if not m.weight.requires_grad:
-            continue  # frozen: autograd keeps no input for a weight gradient here
+        dequant = _trainable_quantized(m)
+        if not (dequant or (type(m) is nn.Linear and m.weight.requires_grad)):
+            continue  # frozen (plain or quantized): autograd keeps no input for a weight gradient here
         state = _LayerState(m, float(keep), float(deterministic_fraction), shared)
         m._efft_sampled = state
-        m.forward = _sampled_forward(m, state)
+        m.forward = _sampled_forward(m, state, dequant)
         done.append(name)
     if not done:
         raise ValueError(f"sparsity.sampled_linear: no trainable nn.Linear matches target_modules={target_modules!r} "

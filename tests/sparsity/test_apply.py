@@ -155,3 +155,18 @@ def test_recipe_path_quantized_base_lora_and_sparsity():
     full.train()
     full(**batch).loss.backward()
     assert all(p.grad is not None for p in full.parameters() if p.requires_grad)
+
+
+def test_recipe_path_trainable_int8_with_sampled_linear():
+    from efft.compose import prepare_model
+    from efft.config import Recipe
+
+    r = Recipe(model={"config": {"model_type": "llama"}}, data={"path": "unused.jsonl"},
+               quant={"type": "int8", "trainable": True, "compute_dtype": "float32"},
+               sparsity={"loss_tokens": {"enabled": True}, "sampled_linear": {"enabled": True, "keep": 0.3}})
+    model = prepare_model(tiny_model("llama"), r)
+    names = sampled_modules(model)
+    assert len(names) == 2 * 7  # every int8 layer of the decoder; the LM head is skipped by quant and here
+    model.train()
+    model(**tiny_batch(seq=24, label_fraction=0.4)).loss.backward()
+    assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in names.values())

@@ -192,3 +192,30 @@ def test_finetune_quality_close_to_exact_gradients():
     _, sampled = train_losses(apply_sampled_linear(pretrained_base(), keep=0.3), 40, 3e-3, **kw)
     print(f"held-out loss: exact {exact:.3f} WTA-CRS keep 0.3 {sampled:.3f}")
     assert sampled <= exact + 0.1
+
+
+def test_trainable_int8_layer_unbiased():
+    """efft's Int8TrainableLinear (int8 codes, float32 gradient carrier): sampled carrier gradient is
+    unbiased against the layer's own exact backward; input and bias gradients equal it."""
+    trainable = pytest.importorskip("efft.quant.trainable")
+    torch.manual_seed(0)
+    layer = trainable.Int8TrainableLinear.from_linear(nn.Linear(IN, OUT))
+    x, dy = _problem(seed=4)
+    x = x.view(4, R // 4, IN).requires_grad_(True)
+    dy = dy.view(4, R // 4, OUT)
+    y = layer(x)
+    y.backward(dy)
+    gx, gw, gb = x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()
+    apply_sampled_linear(nn.Sequential(layer), keep=0.3)
+    assert sampled_modules(nn.Sequential(layer))
+    grads = []
+    for _ in range(300):
+        x.grad = layer.weight.grad = layer.bias.grad = None
+        out = layer(x)
+        torch.testing.assert_close(out, y)
+        out.backward(dy)
+        torch.testing.assert_close(x.grad, gx)
+        torch.testing.assert_close(layer.bias.grad, gb)
+        grads.append(layer.weight.grad.clone())
+    z, worst = _z(torch.stack(grads).double(), gw.double())
+    assert z < 3 and worst < 6
