@@ -16,10 +16,11 @@ from .formats import (
 )
 from .io import QuantCheckpointError, load_quantized, save_quantized
 from .linear import QuantLinear
+from .recipe import prepare
 from .state import QuantState
 
 __all__ = [
     "QuantState", "QuantLinear", "quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise",
     "create_dynamic_map", "quantize_int8_rowwise", "dequantize_int8_rowwise", "quantize_model",
-    "quantize_from_checkpoint", "save_quantized", "load_quantized", "QuantCheckpointError",
+    "quantize_from_checkpoint", "save_quantized", "load_quantized", "QuantCheckpointError", "prepare",
 ]

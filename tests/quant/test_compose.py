@@ -45,3 +45,21 @@ def test_peqa_int8_trains_under_adamw():
     model = prepare_peqa(quantize_model(tiny_model("llama"), type="int8", compute_dtype="float32"))
     losses = _train(model, SimpleNamespace(name="adamw", state_bits=32, layerwise=False), lr=2e-2)
     assert losses[-1] < losses[0], losses
+
+
+def test_prepare_from_the_recipe_schema():
+    """The recipe's own pydantic sections drive quantize + adapter in one call."""
+    config = pytest.importorskip("efft.config")
+    from efft.quant import QuantLinear, prepare
+    from efft.quant.peqa import PEQALinear
+
+    q = config.QuantConfig(type="nf4", double_quant=True, compute_dtype="float32", skip=["lm_head"])
+    lora = prepare(tiny_model("llama"), q, config.AdapterConfig(type="lora", r=2, lora_alpha=4))
+    assert sum(isinstance(m, QuantLinear) for m in lora.modules()) == 14
+    assert all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+    peqa = prepare(tiny_model("llama"), q, config.AdapterConfig(type="peqa"))
+    assert sum(isinstance(m, PEQALinear) for m in peqa.modules()) == 14
+    plain = prepare(tiny_model("llama"), config.QuantConfig(), config.AdapterConfig(type="lora", r=2))
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())
+    with pytest.raises(ValueError, match="no QuantLinear layers; quantize it first"):
+        prepare(tiny_model("llama"), config.QuantConfig(), config.AdapterConfig(type="peqa"))
