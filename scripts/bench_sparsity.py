@@ -317,8 +317,9 @@ def write_card(res, q, args, device_desc, path, commands):
           "(skipping them needs family-specific attention code).",
           "- Gathering the label rows reads their count on the host once per forward (a data-dependent shape); "
           "the loss normalisation itself never syncs.",
-          "- WTA-CRS applies to trainable nn.Linear layers (including LoRA's lora_A/lora_B); a frozen base, plain or "
-          "QuantLinear, keeps no input for a weight gradient, so there is nothing to sample there. In full "
+          "- WTA-CRS applies to trainable nn.Linear layers (including LoRA's lora_A/lora_B) and to trainable int8 "
+          "layers (Int8TrainableLinear); a frozen base, plain or QuantLinear, keeps no input for a weight gradient, "
+          "so there is nothing to sample there, and PEQA's trainable scales are not sampled. In full "
           "fine-tuning the norms' weights keep the same normalized inputs, which limits what sampling the linears saves.",
           "- Token elimination scores tokens by their distance from the sequence mean, not LeMo's learned predictor.", ""]
     path.write_text("\n".join(L))
