@@ -158,10 +158,11 @@ def _wrap_layer(layer: nn.Module, index: int, state: EliminationState) -> None:
         tail = None
         if isinstance(out, tuple):
             out, tail = out[0], out[1:]
-        delta = out - hg
-        if state.unbiased:
-            delta = delta * weight[..., None].to(delta.dtype)
-        full = h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), delta)
+        where = idx[..., None].expand(-1, -1, h.shape[-1])
+        if state.unbiased:  # input + update / p for the drawn tokens (weight 1 for the forced ones)
+            full = h.scatter_add(1, where, (out - hg) * weight[..., None].to(out.dtype))
+        else:  # the kept rows take the layer's output as is; the others pass through
+            full = h.scatter(1, where, out)
         return full if tail is None else (full, *tail)
 
     layer._efft_orig_forward = orig
