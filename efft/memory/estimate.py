@@ -460,7 +460,8 @@ def activation_bytes(
     glob += rope
 
     fwd = layers_total + head + glob
-    out = {"layer": per_layer[-1] if per_layer else 0, "layers": layers_total, "head": head, "globals": glob}
+    out = {"layer": per_layer[-1] if per_layer else 0, "layers": layers_total, "head": head, "globals": glob,
+           "rope": rope, "all_but_last_layer": layers_total - (per_layer[-1] if per_layer else 0)}
     if not checkpointing:
         out["forward"] = fwd
         out["peak"] = fwd
@@ -883,14 +884,25 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     )
     activations = act["peak"]
     if off.activations and s >= off.min_seq_length:
-        if ckpt and off.activation_mode == "checkpoint_inputs":
-            moved = max(0, act["checkpoint_inputs"] - (1 + off.prefetch_layers) * e * b * s * arch.hidden)
+        # efft.offload.activations: tensors saved inside every decoder layer but the last go to the
+        # host in forward (with checkpointing that is each layer's input; the rotary tables once);
+        # backward fetches them back prefetch_layers ahead, and recomputation stays on the device.
+        layer_in = e * b * s * arch.hidden
+        if ckpt:
+            offloaded = (arch.layers - 1) * layer_in
+            resident = (1 + off.prefetch_layers) * layer_in
         else:
+            offloaded = act["all_but_last_layer"] + (act["rope"] if arch.layers > 1 else 0)
             resident = (1 + off.prefetch_layers) * act["layer"] + act["head"] + act["globals"]
-            moved = max(0, activations - resident)
-        activations -= moved
-        host += moved
-        notes.append("offload.activations: saved tensors beyond the prefetch window on the host")
+            if off.activation_mode == "checkpoint_inputs":
+                offloaded, resident = 0, activations  # without checkpointing there are no checkpoint inputs
+        host += offloaded
+        details_act_host = offloaded
+        activations = min(activations, max(activations - offloaded, resident + (act["peak"] - act["forward"]) if ckpt else resident))
+        notes.append("offload.activations: tensors saved in all decoder layers but the last on the host, fetched back "
+                     f"{off.prefetch_layers} layer(s) ahead")
+    else:
+        details_act_host = 0
 
     # ------------------------------------------------------------------------------- workspace
     T = b * s
@@ -932,7 +944,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         "summary": summary, "params": n_params, "trainable_params": n_train, "buffers": buffers,
         "frozen_weight_bytes": frozen_bytes, "quantized_linears": len(quantized), "lora_modules": len(targets),
         "lowrank_params": len(lowrank_names), "optimizer_state_total": opt_state, "step_workspace": step_ws,
-        "activation_parts": act, "head_grad": head_grad,
+        "activation_parts": act, "head_grad": head_grad, "activation_host_bytes": details_act_host,
         "peak_note": "peak = weights + adapters + optimizer state + max(activations + workspace, gradients + step temporaries)",
     }
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer_state=opt_state_device,

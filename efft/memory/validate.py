@@ -30,11 +30,12 @@ def build(recipe_dict: Any, seed: int = 0):
             enable(activation_checkpointing_kwargs={"use_reentrant": True})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    if r.offload.activations:
-        raise ValueError("validate.build: activation offload installs its own saved-tensor hooks; measure without it")
     from efft.compose import prepare_model
 
-    model = prepare_model(model, r)  # quantize -> adapter -> sparsity, as training does
+    # quantize -> adapter -> sparsity, as training does; activation offload (saved-tensor hooks of
+    # its own) is left to the caller, who measures it through its stats
+    prep = r.model_copy(update={"offload": r.offload.model_copy(update={"activations": False})})
+    model = prepare_model(model, prep)
     model.train()
     return r, cfg, model
 
