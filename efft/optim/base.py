@@ -219,14 +219,18 @@ class ProjectedOptimizer(Optimizer):
     # ------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
+        # torch casts floating state tensors to the parameter's dtype, and uint8 codes as well when
+        # the parameter is floating: put the saved tensors back as saved (fp32 moments of bf16
+        # parameters stay fp32, 8-bit codes stay uint8), moved to the parameter's device.
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, saved in state_dict["state"].items():
+            p = params[pid]
+            for k, v in saved.items():
+                if isinstance(v, torch.Tensor):
+                    self.state[p][k] = v.to(device=p.device)
         # torch replaces the group dicts: point every parameter at its new group, or schedulers
         # (which write into the new dicts) would no longer reach the low-rank updates.
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # Keep saved dtypes (fp32 moments of bf16 params, uint8 codes): move to the device only.
-        return value.to(device=param.device) if isinstance(value, torch.Tensor) else value
 
     def trainer_callbacks(self) -> list:
         """Callbacks for ``transformers.Trainer`` (logs ``skipped_nonfinite``)."""
