@@ -194,38 +194,23 @@ def table(rows, cols):
     return "\n".join(out)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="2048x2048", help="weight [out]x[in] for the timings")
-    ap.add_argument("--quality-shape", default="1024x4096", help="weight for bits/param and SQNR")
-    ap.add_argument("--tokens", type=int, default=512, help="rows of x for Linear forward+backward")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--machine", default=None, help="words describing the machine, for the card")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "cards", "quant.md"))
-    args = ap.parse_args(argv)
-    shape = tuple(int(s) for s in args.shape.split("x"))
-    qshape = tuple(int(s) for s in args.quality_shape.split("x"))
-    bnb, bnbF = _try_bnb()
-    ao_version, to_nf4, linear_nf4 = _try_torchao()
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+NOTES = [
+    "efft's packed bytes, absmax, offset and nested statistics equal bitsandbytes' CPU output for NF4/FP4 with and"
+    " without double quant, fp32/fp16/bf16, sizes not divisible by the blocksize (tests/quant/test_formats.py).",
+    "bitsandbytes 0.50.2's CPU (AVX512) `dequantize_4bit` mis-scales blocks that cross a row boundary (e.g. a"
+    " 64x64 weight with blocksize 128); efft's dequantization is right there, so its dequantize is compared with"
+    " an independent formula everywhere and with bitsandbytes where blocks stay inside rows.",
+    "bitsandbytes' CPU 8-bit `quantize_blockwise` snaps values to a 65536-point grid before the code lookup (an exact"
+    " 0 becomes code 131 = 2.1e-5 x absmax). efft reproduces it byte for byte for the nested statistics and offers"
+    " exact nearest rounding (`rounding=\"nearest\"`, its default) for general tensors such as optimizer moments.",
+    "bitsandbytes' Linear4bit in eval mode on AVX512-BF16 CPUs repacks the weight for a bf16 kernel (lower"
+    " precision); the timings and the equality tests use its train mode, the fine-tuning path.",
+    "efft's CPU path is plain torch (one gather per byte + a scale multiply); bitsandbytes' CPU dequantize is a"
+    " multi-threaded C kernel. On CUDA the 4-bit matmul goes through efft.ops.dequant_matmul (Triton).",
+]
 
-    quality, speed = [], []
-    for dev in devices:
-        print(f"[bench_quant] {dev.type}: quality", flush=True)
-        quality += quality_rows(dev, qshape, bnbF, to_nf4)
-        print(f"[bench_quant] {dev.type}: speed", flush=True)
-        speed += speed_rows(dev, shape, args.tokens, args.repeats, bnb, bnbF, to_nf4, linear_nf4)
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    machine = args.machine or f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine, "load average (1/5/15 min)": load,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "bitsandbytes": getattr(bnb, "__version__", None) if bnb else "not installed",
-        "torchao": ao_version or "not importable (pip install torchao leaves torch alone; put it on PYTHONPATH)",
-    }
+def render(env, quality, speed, qshape):
     qcols = ["device", "library", "format", "bits/param", "SQNR gaussian (dB)", "SQNR student-t(3) (dB)",
              "bytes = bitsandbytes"]
     scols = ["device", "format", "shape", "tokens", "compute",
@@ -234,8 +219,9 @@ def main(argv=None):
              "efft/torchao dequantize",
              "efft Linear fwd+bwd (ms)", "bnb Linear fwd+bwd (ms)", "torchao Linear fwd+bwd (ms)",
              "dense Linear fwd+bwd (ms)", "efft/bnb Linear fwd+bwd", "efft/torchao Linear fwd+bwd"]
+    ao = env.get("torchao", "")
     md = [
-        "# Quantized base weights: efft vs bitsandbytes" + (" vs torchao" if ao_version else ""),
+        "# Quantized base weights: efft vs bitsandbytes" + ("" if str(ao).startswith("not") else " vs torchao"),
         "",
         f"Written by `scripts/bench_quant.py` on {env['date']}.",
         "",
@@ -259,13 +245,64 @@ def main(argv=None):
         "",
         table(speed, scols),
         "",
+        "## Notes",
+        "",
+        *[f"- {n}" for n in NOTES],
+        "",
     ]
+    return md
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="2048x2048", help="weight [out]x[in] for the timings")
+    ap.add_argument("--quality-shape", default="1024x4096", help="weight for bits/param and SQNR")
+    ap.add_argument("--tokens", type=int, default=512, help="rows of x for Linear forward+backward")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--machine", default=None, help="words describing the machine, for the card")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "cards", "quant.md"))
+    ap.add_argument("--from-json", default=None, help="re-render the card from a saved cards/quant.json (no measuring)")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        qshape = tuple(int(s) for s in data.get("quality_shape", args.quality_shape).split("x"))
+        md = render(data["env"], data["quality"], data["speed"], qshape)
+        with open(os.path.abspath(args.out), "w") as f:
+            f.write("\n".join(md))
+        print("\n".join(md))
+        return
+    shape = tuple(int(s) for s in args.shape.split("x"))
+    qshape = tuple(int(s) for s in args.quality_shape.split("x"))
+    bnb, bnbF = _try_bnb()
+    ao_version, to_nf4, linear_nf4 = _try_torchao()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+    quality, speed = [], []
+    for dev in devices:
+        print(f"[bench_quant] {dev.type}: quality", flush=True)
+        quality += quality_rows(dev, qshape, bnbF, to_nf4)
+        print(f"[bench_quant] {dev.type}: speed", flush=True)
+        speed += speed_rows(dev, shape, args.tokens, args.repeats, bnb, bnbF, to_nf4, linear_nf4)
+
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    machine = args.machine or f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine, "load average (1/5/15 min)": load,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "bitsandbytes": getattr(bnb, "__version__", None) if bnb else "not installed",
+        "torchao": ao_version or "not importable (pip install torchao leaves torch alone; put it on PYTHONPATH)",
+    }
+    md = render(env, quality, speed, qshape)
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(md))
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump({"env": env, "quality": quality, "speed": speed}, f, indent=2, default=str)
+        json.dump({"env": env, "quality": quality, "speed": speed, "quality_shape": args.quality_shape}, f,
+                  indent=2, default=str)
     print("\n".join(md))
     print(f"[bench_quant] wrote {out}")
 
