@@ -93,12 +93,29 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], seen: Optional[set] = None) ->
     return total
 
 
+def _quant_stat_tensors(p: torch.Tensor) -> list[torch.Tensor]:
+    """Statistics bitsandbytes keeps as attributes of its weight parameters (Params4bit.quant_state:
+    absmax, code, offset, nested absmax/code; Int8Params.SCB), not as buffers."""
+    out: list = []
+    qs = getattr(p, "quant_state", None)
+    while qs is not None:
+        out += [t for t in (getattr(qs, "absmax", None), getattr(qs, "code", None), getattr(qs, "offset", None))
+                if isinstance(t, torch.Tensor)]
+        qs = getattr(qs, "state2", None)
+    scb = getattr(p, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        out.append(scb)
+    return out
+
+
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """``trainable`` / ``frozen`` parameter bytes and ``buffers`` bytes (all distinct storages)."""
+    """``trainable`` / ``frozen`` parameter bytes and ``buffers`` bytes (all distinct storages).
+    Quantization statistics that bitsandbytes hangs on its parameters count as frozen."""
     seen: set = set()
     params = list(model.parameters())
     trainable = tensor_bytes((p for p in params if p.requires_grad), seen)
     frozen = tensor_bytes((p for p in params if not p.requires_grad), seen)
+    frozen += tensor_bytes((t for p in params for t in _quant_stat_tensors(p)), seen)
     buffers = tensor_bytes(model.buffers(), seen)
     return {"trainable": trainable, "frozen": frozen, "buffers": buffers, "total": trainable + frozen + buffers}
 

@@ -138,3 +138,16 @@ def test_format_bytes():
     assert format_bytes(1536) == "1.50 KiB"
     assert format_bytes(3 * 2**30) == "3.00 GiB"
     assert format_bytes(None) == "-"
+
+
+def test_weight_bytes_counts_bitsandbytes_4bit_statistics():
+    """bitsandbytes keeps absmax / code tables on the parameter, not as buffers: still counted."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from efft.memory.estimate import quant4_bytes
+
+    lin = bnb.nn.Linear4bit(96, 40, bias=True, compress_statistics=True, quant_type="nf4")
+    lin = lin.to("cpu")  # quantizes on the move
+    assert lin.weight.quant_state is not None
+    w = weight_bytes(lin)
+    assert w["frozen"] == quant4_bytes(96 * 40, 64, True)  # packed codes + statistics
+    assert w["trainable"] == 40 * 4  # the bias
