@@ -37,7 +37,10 @@ class LateMover(Mover):
 
     def _run(self):
         while True:
-            dst, src, ev = self.q.get()
+            job = self.q.get()
+            if job is None:
+                return
+            dst, src, ev = job
             time.sleep(self.delay)
             with torch.no_grad():
                 dst.copy_(src)
@@ -48,6 +51,9 @@ class LateMover(Mover):
         self.late += 1
         self.q.put((dst, src.detach(), ev))
         return ev
+
+    def close(self):
+        self.q.put(None)
 
     def wait_here(self, event):
         if event is not None:
@@ -64,6 +70,7 @@ def test_optimizer_waits_on_its_events():
     opt.mover = LateMover(opt.device)
     train(m, opt, 3, accum=2)
     assert opt.mover.late > 0 and same_params(ref, m)
+    opt.mover.close()
     opt.close()
 
 
@@ -74,4 +81,5 @@ def test_activation_offload_waits_on_its_events():
     h = enable_activation_offload(m, cfg(prefetch_layers=1))
     h.mover = LateMover(h.device)
     train(m, torch.optim.AdamW(m.parameters(), lr=1e-2), 2)
+    h.mover.close()
     assert h.mover.late > 0 and h.stats["prefetched"] > 0 and same_params(ref, m)
