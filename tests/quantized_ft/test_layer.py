@@ -127,3 +127,17 @@ def test_state_dict_round_trip_and_float_checkpoints():
                            "bias": torch.zeros(32)})
     with pytest.raises(RuntimeError, match="Missing"):
         b.load_state_dict({"bias": torch.zeros(32)})
+
+
+def test_non_finite_update_is_refused_and_leaves_the_weight_unchanged():
+    from efft.quant.trainable import int8_update
+
+    layer = Int8TrainableLinear.from_linear(nn.Linear(64, 8, bias=False))
+    codes, scale, sr = layer.weight_codes.clone(), layer.weight_scale.clone(), layer.sr_state.clone()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        with torch.no_grad(), int8_update(layer.weight) as p:
+            p[0, 0] = float("nan")
+    assert torch.equal(layer.weight_codes, codes) and torch.equal(layer.weight_scale, scale)
+    assert torch.equal(layer.sr_state, sr) and layer.weight.untyped_storage().nbytes() == 4
+    assert not layer._materialized
+    layer(torch.randn(2, 64))  # still usable
