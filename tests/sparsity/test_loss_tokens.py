@@ -249,3 +249,17 @@ def test_wrapped_head_goes_through_checkpointed_chunks():
     ref.loss.backward()
     out.loss.backward()
     _assert_grads_equal(dense, sparse, 1e-5)
+
+
+def test_bf16_autocast_within_table():
+    """fp32 weights under CPU bf16 autocast (Trainer's bf16=True): same tolerance as bf16 weights."""
+    dense, sparse = _pair("llama")
+    batch = tiny_batch(seq=24, label_fraction=0.5, seed=8)
+    outs = []
+    for m in (dense, sparse):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(**batch)
+        out.loss.backward()
+        outs.append(out.loss.detach())
+    assert _rel(outs[1], outs[0]) <= TOL[torch.bfloat16]
+    _assert_grads_equal(dense, sparse, TOL[torch.bfloat16])
