@@ -363,6 +363,23 @@ class MemoryTracker:
             yield c
         self.saved_peak_bytes = max(self.saved_peak_bytes, c.peak_bytes)
 
+    def begin_saved_tensors(self, model: Optional[torch.nn.Module] = None) -> SavedTensorCounter:
+        """Start counting saved tensors (for callbacks: ``on_step_begin``); pair with :meth:`end_saved_tensors`."""
+        if self.saved is not None and self.saved._ctx is not None:
+            raise RuntimeError("saved-tensor counting is already running (call end_saved_tensors first)")
+        self.saved = SavedTensorCounter(exclude_module=model)
+        self.saved.__enter__()
+        return self.saved
+
+    def end_saved_tensors(self) -> int:
+        """Stop counting (``on_step_end``); returns the step's peak and keeps the largest for :meth:`report`."""
+        c = self.saved
+        if c is None or c._ctx is None:
+            return 0
+        c.__exit__(None, None, None)
+        self.saved_peak_bytes = max(self.saved_peak_bytes, c.peak_bytes)
+        return c.peak_bytes
+
     def report(self, model: Optional[torch.nn.Module] = None, optimizer: Any = None) -> dict:
         d = report(model, optimizer, saved_activation_bytes=self.saved_peak_bytes or None, host_bytes=self.host_bytes)
         d["device"] = str(self.device)

@@ -151,3 +151,20 @@ def test_weight_bytes_counts_bitsandbytes_4bit_statistics():
     w = weight_bytes(lin)
     assert w["frozen"] == quant4_bytes(96 * 40, 64, True)  # packed codes + statistics
     assert w["trainable"] == 40 * 4  # the bias
+
+
+def test_begin_end_saved_tensors_for_callbacks():
+    """The callback form (enter on step begin, leave on step end) counts what the context form does."""
+    model = tiny_model("llama")
+    batch = tiny_batch(batch=1, seq=8)
+    tr = MemoryTracker(device="cpu")
+    tr.begin_saved_tensors(model)
+    with pytest.raises(RuntimeError):
+        tr.begin_saved_tensors(model)
+    model(**batch).loss.backward()
+    peak = tr.end_saved_tensors()
+    with count_saved_tensors(model) as c:
+        model(**batch).loss.backward()
+    assert peak == c.peak_bytes > 0
+    assert tr.report(model)["saved_activation_peak_bytes"] == peak
+    assert tr.end_saved_tensors() == 0  # not running: nothing to stop
