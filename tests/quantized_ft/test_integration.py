@@ -38,10 +38,22 @@ def test_factory_layerwise_apollo_mini_equals_its_whole_step_mode():
     data = batches(3)
     a, b = int8_model(), int8_model()
     _run(a, _build(a, False, name="apollo_mini"), data)
+    params = [p for p in b.parameters() if p.requires_grad]
+    alive, materialized = [], []
+
+    def probe(p):
+        alive.append(sum(q.grad.numel() * 4 for q in params if q.grad is not None))
+        materialized.append(sum(m._materialized for m in int8_layers(b)))
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(probe)
     opt = _build(b, True, name="apollo_mini")
     _run(b, opt, data)
     assert_same_state(a, b)
     assert not any(m._materialized for m in int8_layers(b))
+    # efft's LayerwiseOptimizer: one gradient alive, at most two float32 weights materialized
+    assert max(alive) == 4 * max(p.numel() for p in params)
+    assert 1 <= max(materialized) <= 2
 
 
 @pytest.mark.parametrize("name", ["adamw", "galore", "apollo", "frugal"])
