@@ -2,7 +2,8 @@
 
 Tolerance table (max |a - b| over the loss and every parameter gradient, relative to max |b|):
   float32: 1e-5      (only float summation order differs)
-  bfloat16: 2e-2     (bf16 matmuls; the chunked head rounds the same products in another order)
+  bfloat16: 2e-2     (bf16 weights, or fp32 weights under bf16 autocast: bf16 matmuls, the chunked head
+                     rounds the same products in another order)
 """
 import copy
 
