@@ -178,3 +178,18 @@ def test_checkpoint_around_the_module_call():
     # input (saved before any layer ran) and the last layer's stay.
     assert [e[1] for e in h.trace if e[0] == "offload"] == [1, 2]
     assert h.stats["prefetched"] == 2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gemma"])
+def test_other_families_bitwise(family):
+    from tests.tiny import tiny_batch, tiny_model
+
+    ms = []
+    for offload in (False, True):
+        m = tiny_model(family, layers=3)
+        m.train()
+        h = enable_activation_offload(m, cfg()) if offload else None
+        m(**tiny_batch(seed=0)).loss.backward()
+        ms.append(m)
+    assert h.stats["offloaded"] == h.stats["prefetched"] > 0
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ms[0].parameters(), ms[1].parameters()) if a.grad is not None)
