@@ -470,7 +470,6 @@ def activation_bytes(
     # checkpointing: only each layer's input is kept; backward recomputes one layer at a time
     inputs = arch.layers * e * T * h
     ck_fwd = inputs + head + (8 * T if embed_trainable else 0)
-    biggest = max(range(arch.layers), key=lambda i: per_layer[i]) if arch.layers else 0
     recompute = max(per_layer) + rope
     if e == 4:
         recompute -= 4 * T * h  # the first norm keeps the (fp32) layer input itself: shared storage
@@ -479,7 +478,6 @@ def activation_bytes(
         if arch.layers else 0
     out.update(forward=ck_fwd, checkpoint_inputs=inputs, recompute=recompute,
                peak=max(ck_fwd, during + (8 * T if embed_trainable else 0)))
-    del biggest
     return out
 
 
@@ -861,7 +859,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     if a.modules_to_save and head_name and _name_matches(head_name, a.modules_to_save):
         head_trainable = True
     ckpt = t.gradient_checkpointing
-    input_grad = embed_trainable or ckpt or (int8_train and True)
+    input_grad = embed_trainable or ckpt
     te = sp.token_elimination
     keep = 1.0
     te_extra = 0

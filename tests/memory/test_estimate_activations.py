@@ -100,3 +100,33 @@ def test_activations_with_efft_sparsity(name, section, attn, ckpt, label_fractio
     rd = recipe(tiny_block("llama", layers=3), 2, 32, attn, ckpt, sparsity=section)
     pred, meas = measure_activations(rd, label_fraction=label_fraction)
     assert abs(pred - meas) <= TOL * meas, (pred, meas)
+
+
+QUANTIZED = [
+    ("int8 trainable", {"quant": {"type": "int8", "trainable": True, "compute_dtype": "float32"},
+                        "optim": {"name": "apollo_mini"}}, "eager", False),
+    ("int8 trainable", {"quant": {"type": "int8", "trainable": True, "compute_dtype": "float32"}}, "sdpa", True),
+    ("qlora", {"quant": {"type": "nf4", "compute_dtype": "float32"}, "adapter": {"type": "lora", "r": 8}}, "sdpa", False),
+    ("peqa", {"quant": {"type": "nf4", "compute_dtype": "float32"}, "adapter": {"type": "peqa"}}, "eager", True),
+]
+
+
+@pytest.mark.parametrize("name,sections,attn,ckpt", QUANTIZED)
+def test_activations_quantized_bases(name, sections, attn, ckpt):
+    """Built through efft.compose.prepare_model (QuantLinear, peft LoRA on it, PEQA, int8 training)."""
+    pred, meas = measure_activations(recipe(tiny_block("llama", layers=3), 2, 32, attn, ckpt, **sections))
+    assert abs(pred - meas) <= TOL * meas, (pred, meas)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_activations_under_bf16_autocast(ckpt):
+    """fp32 weights + train.bf16: the forward under CPU autocast, as the training loop runs it."""
+    rd = recipe(tiny_block("llama", layers=3), 2, 32, "sdpa", ckpt)
+    rd["train"]["bf16"] = True
+    r, cfg, model = build(rd)
+    with count_saved_tensors(model) as c:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch_for(r, cfg)).loss
+        loss.backward()
+    pred = est.estimate(rd).details["activation_parts"]["peak"]
+    assert abs(pred - c.peak_bytes) <= TOL * c.peak_bytes, (pred, c.peak_bytes)
