@@ -2,7 +2,8 @@
 
 One run, one process: torch AdamW, bitsandbytes AdamW8bit, galore-torch, apollo-torch (APOLLO and
 APOLLO-Mini) and efft's optimizers step the same parameters with the same random gradients.
-Step time is the median of ordinary steps plus the projector refresh cost amortized over
+The optimizers are stepped in turn, one step each per round, so load from other processes on a
+shared machine falls on all of them alike. Step time is the median of ordinary steps plus the projector refresh cost amortized over
 ``--gap`` steps (refresh cost = median refresh step - median ordinary step, measured on warm
 refreshes, stagger off so each refresh step refreshes every matrix). State bytes are summed over
 the tensors in ``optimizer.state`` (plus the projection matrices the peers keep inside projector
@@ -33,7 +34,7 @@ from efft.optim import APOLLOAdamW, FRUGAL, GaLoreAdamW  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, kv dim, layers, vocab
-    "cpu": dict(hidden=1024, inter=2752, kv=1024, layers=2, vocab=8192),
+    "cpu": dict(hidden=1024, inter=2752, kv=1024, layers=2, vocab=4096),
     "small": dict(hidden=256, inter=688, kv=256, layers=2, vocab=2048),
     "7b": dict(hidden=4096, inter=11008, kv=4096, layers=2, vocab=32000),
 }
@@ -122,29 +123,52 @@ def candidates(args):
     return out
 
 
-def bench_one(make_groups, make_opt, projected, spec, device, args):
+def bench_all(cands, spec, device, args):
+    """Build every optimizer on its own copy of the same parameters, then step them in turn, one
+    step each per round: on a shared machine, load changes hit every candidate alike."""
     low, rest = make_params(spec, device)
-    params = low + rest
-    grads = make_grads(params, device)
-    opt = make_opt(make_groups(low, rest))
-    gap = args.refresh_gap
-    times = []
+    grads = make_grads(low + rest, device)
+    runs = {}
+    for name, (make_groups, make_opt, projected) in cands.items():
+        l2 = [torch.nn.Parameter(p.detach().clone()) for p in low]
+        r2 = [torch.nn.Parameter(p.detach().clone()) for p in rest]
+        try:
+            runs[name] = dict(params=l2 + r2, opt=make_opt(make_groups(l2, r2)), projected=projected, times=[])
+        except Exception as e:  # noqa: BLE001
+            runs[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    del low, rest
     for s in range(args.steps):
-        for p, gr in zip(params, grads[s % len(grads)]):
-            p.grad = gr
-        sync(device)
-        t0 = time.perf_counter()
-        opt.step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    state = peer_state_bytes(opt)
-    refresh_steps = [s for s in range(gap, args.steps, gap)] if projected else []
-    ordinary = [t for s, t in enumerate(times) if s > 0 and s not in refresh_steps]
-    med = statistics.median(ordinary)
-    refresh = max(0.0, statistics.median([times[s] for s in refresh_steps]) - med) if refresh_steps else 0.0
-    del opt, params, grads, low, rest
-    gc.collect()
-    return dict(median_s=med, refresh_s=refresh, amortized_s=med + refresh / args.gap, first_step_s=times[0], state_bytes=state)
+        for name, r in runs.items():
+            if "error" in r:
+                continue
+            for p, gr in zip(r["params"], grads[s % len(grads)]):
+                p.grad = gr
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                r["opt"].step()
+                sync(device)
+                r["times"].append(time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001  (a peer failing on this device is a result too)
+                runs[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                continue
+            for p in r["params"]:
+                p.grad = None
+        print(f"round {s + 1}/{args.steps} done", flush=True)
+    results = {}
+    gap = args.refresh_gap
+    for name, r in runs.items():
+        if "error" in r:
+            results[name] = r
+            continue
+        times = r["times"]
+        refresh_steps = list(range(gap, args.steps, gap)) if r["projected"] else []
+        ordinary = [t for s, t in enumerate(times) if s > 0 and s not in refresh_steps]
+        med = statistics.median(ordinary)
+        refresh = max(0.0, statistics.median([times[s] for s in refresh_steps]) - med) if refresh_steps else 0.0
+        results[name] = dict(median_s=med, refresh_s=refresh, amortized_s=med + refresh / args.gap, first_step_s=times[0],
+                             state_bytes=peer_state_bytes(r["opt"]), times_s=times)
+    return results
 
 
 def environment(device) -> str:
@@ -185,15 +209,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     spec = SHAPES[args.shapes]
-    results = {}
-    for name, (groups, make, projected) in candidates(args).items():
-        if args.only and not any(s in name for s in args.only):
-            continue
-        try:
-            results[name] = bench_one(groups, make, projected, spec, device, args)
-        except Exception as e:  # noqa: BLE001  (a peer failing on this device is a result too)
-            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-        r = results[name]
+    cands = {n: c for n, c in candidates(args).items() if not args.only or any(x in n for x in args.only)}
+    results = bench_all(cands, spec, device, args)
+    for name, r in results.items():
         print(f"{name:28s} " + (r["error"] if "error" in r else
               f"median {r['median_s']*1e3:8.1f} ms  refresh {r['refresh_s']*1e3:9.1f} ms  amortized {r['amortized_s']*1e3:8.1f} ms  state {r['state_bytes']/2**20:8.1f} MiB"), flush=True)
     base = results.get("torch AdamW", {})
@@ -204,8 +222,8 @@ def main(argv=None):
         "",
         f"Device: {environment(device)}. Shapes: hidden {spec['hidden']}, intermediate {spec['inter']}, "
         f"{spec['layers']} layers, vocab {spec['vocab']} ({n_params/1e6:.1f}M parameters, fp32); rank {args.rank} "
-        f"(APOLLO-Mini 1), refresh cost amortized over update_proj_gap={args.gap}. Median of {args.steps} steps in one "
-        f"process; `python scripts/bench_optim.py --shapes {args.shapes}`.",
+        f"(APOLLO-Mini 1), refresh cost amortized over update_proj_gap={args.gap}. Median of {args.steps} steps, "
+        f"the optimizers stepped in turn (one step each per round) in one process; `python scripts/bench_optim.py --shapes {args.shapes}`.",
         "",
         "| optimizer | median step (ms) | refresh (ms, all matrices) | amortized step (ms) | x AdamW | state (MiB) | x AdamW |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",

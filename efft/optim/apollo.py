@@ -62,23 +62,27 @@ class APOLLOAdamW(ProjectedOptimizer):
     def _update_lowrank(self, p, grad, group, state, clip):
         side = choose_side(tuple(p.shape), group["proj_type"])
         rank = self._rank(p, group)
-        if group["proj"] == "svd" and not torch.isfinite(grad).all():
+        if group["proj"] == "svd" and not torch.isfinite(grad.sum()):
             return self._skip()
         basis = self._basis(p, grad, group, state, side, rank)
         r = project(grad, basis, side)
-        if not torch.isfinite(r).all():
+        # Channels are along the side that is not projected: columns for left, rows for right.
+        # square().sum() rather than norm(dim=...): several times faster on CPU for strided dims.
+        dim = 0 if side == "left" else 1
+        r_sq = r.square().sum(dim=dim, keepdim=True)
+        if not torch.isfinite(r_sq.sum()):  # inf/nan anywhere in G reaches R through the GEMM
             return self._skip()
         if clip != 1.0:
             r = r * clip
+            r_sq = r_sq * (clip * clip)
         state["step"] = state.get("step", 0) + 1
         direction, step_size = self._adam_direction(state, r, group)
-        # Channels are along the side that is not projected: columns for left, rows for right.
-        dim = 0 if side == "left" else 1
+        d_sq = direction.square().sum(dim=dim, keepdim=True)
         if group["scale_type"] == "channel":
-            factor = direction.norm(dim=dim, keepdim=True) / (r.norm(dim=dim, keepdim=True) + 1e-8)
-            full_norm = (grad.norm(dim=dim, keepdim=True).to(factor.dtype) * factor).norm()
+            factor = d_sq.sqrt() / (r_sq.sqrt() + 1e-8)
+            full_norm = (grad.square().sum(dim=dim, keepdim=True).to(factor.dtype) * factor.square()).sum().sqrt()
         else:
-            factor = direction.norm() / (r.norm() + 1e-8)
+            factor = d_sq.sum().sqrt() / (r_sq.sum().sqrt() + 1e-8)
             full_norm = grad.norm().to(factor.dtype) * factor
         factor = factor * clip
         full_norm = full_norm * clip

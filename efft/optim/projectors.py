@@ -72,8 +72,16 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+_generators: dict = {}
+
+
 def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+    """A generator for ``device`` reseeded with ``seed`` (one kept per device: cheaper than new)."""
+    device = torch.device(device)
+    gen = _generators.get(device)
+    if gen is None:
+        gen = _generators[device] = torch.Generator(device=device)
+    return gen.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------- random bases
