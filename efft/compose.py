@@ -43,23 +43,14 @@ def sparsity_enabled(recipe: Recipe) -> bool:
 def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
     """Quantize -> adapter -> sparsity -> activation offload, in that order (each sees the last)."""
     q, a = recipe.quant, recipe.adapter
-    if q.type != "none":
-        if q.trainable:
-            from efft.quant.trainable import prepare_int8_training
+    if q.trainable:  # the schema allows no adapter beside trainable int8 weights
+        from efft.quant.trainable import prepare_int8_training
 
-            model = prepare_int8_training(model, q)
-        else:
-            from efft.quant import quantize_model
+        model = prepare_int8_training(model, q, embeddings=q.embeddings, seed=recipe.train.seed)
+    else:
+        from efft.quant import prepare
 
-            model = quantize_model(model, q)
-    if a.type in ("lora", "dora"):
-        from efft.quant.peft import apply_lora
-
-        model = apply_lora(model, a)
-    elif a.type == "peqa":
-        from efft.quant.peqa import prepare_peqa
-
-        model = prepare_peqa(model)
+        model = prepare(model, q, a)  # quantize (or not), then lora | dora | peqa | none
     if sparsity_enabled(recipe):
         from efft.sparsity import apply_sparsity
 
@@ -97,6 +88,41 @@ def build_optimizer(model: nn.Module, recipe: Recipe, train=None) -> torch.optim
 
         return offload_optimizer(_build(model, recipe.optim, **kwargs), recipe.offload)
     return _build(model, recipe.optim, **kwargs)
+
+
+def save_final(trainer, tokenizer, out_dir, recipe: Recipe):
+    """The trained result in the form each method loads back from, under ``out_dir`` (rank 0 only):
+    peft adapters; PEQA as a 4-bit (bitsandbytes-layout) model; int8-trained weights as a plain
+    bf16 ``from_pretrained`` model plus the int8 file; PaCA's trained columns as a small adapter;
+    otherwise the full model. All safetensors."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    if recipe.quant.trainable or recipe.adapter.type == "peqa" or recipe.sparsity.partial.enabled:
+        if not trainer.is_world_process_zero():
+            return out_dir
+        model = trainer.model
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if recipe.quant.trainable:
+            from efft.quant.trainable import export_full_precision, save_int8_checkpoint
+
+            export_full_precision(model, out_dir)
+            save_int8_checkpoint(model, out_dir / "int8" / "model.safetensors")
+        elif recipe.adapter.type == "peqa":
+            from efft.quant import save_quantized
+            from efft.quant.peqa import export_peqa
+
+            save_quantized(export_peqa(model), str(out_dir))
+        else:
+            from efft.sparsity.partial import save_partial
+
+            save_partial(model, out_dir)
+            model.config.save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+    else:
+        trainer.save_model(str(out_dir))  # adapters only for peft models; tokenizer included
+    return out_dir
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

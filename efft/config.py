@@ -169,6 +169,8 @@ class QuantConfig(Section):
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     skip: list[str] = Field(default_factory=lambda: ["lm_head"])
     trainable: bool = Field(False, description="int8 only: trainable int8 weights with stochastic rounding.")
+    embeddings: Literal["frozen", "trainable"] = Field(
+        "frozen", description="trainable int8: embedding and LM head frozen, or trained in full precision.")
     outlier_threshold: Optional[float] = Field(None, gt=0, description="int8: keep input columns above this in fp16 (LLM.int8()).")
     kernel: Literal["auto", "triton", "torch"] = "auto"
 

@@ -68,15 +68,14 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     if trainer_hook is not None:
         trainer_hook(trainer)
     result = trainer.train(resume_from_checkpoint=resume)
-    final_dir = out_dir / "final"
-    trainer.save_model(str(final_dir))  # safetensors; adapters only for peft models; rank 0 only
+    from efft.compose import save_final, trainable_parameters
+
+    final_dir = save_final(trainer, tokenizer, out_dir / "final", recipe)
 
     after = generate_answers(trainer.model, tokenizer, prompts, recipe.generate.max_new_tokens) if prompts else []
     cb = plugin.callback
     memory = cb.memory_report()
     curve = cards.loss_curve(trainer.state.log_history)
-    from efft.compose import trainable_parameters
-
     n_train, n_total = trainable_parameters(trainer.model)
     card = {
         "recipe_name": Path(recipe_path).stem if recipe_path else "recipe",

@@ -40,7 +40,22 @@ def test_recipe_smoke_runs_on_a_tiny_model_of_its_family(path, tmp_path):
     assert card["global_step"] == 3
     losses = [l for _, l in card["loss_curve"]]
     assert len(losses) == 3 and all(l == l and l < 20 for l in losses)  # finite, sane
-    assert (tmp_path / "final").is_dir() and (tmp_path / "card.json").is_file()
+    assert (tmp_path / "card.json").is_file()
+    final = tmp_path / "final"
+    if tiny.quant.trainable:  # a plain bf16 model any transformers code loads, plus the int8 file
+        from transformers import AutoModelForCausalLM
+
+        assert (final / "int8" / "model.safetensors").is_file()
+        assert AutoModelForCausalLM.from_pretrained(final).config.model_type == block["model_type"]
+    elif tiny.adapter.type == "peqa":  # the 4-bit layout, quantization_config in config.json
+        assert "quantization_config" in json.loads((final / "config.json").read_text())
+        assert (final / "model.safetensors").is_file()
+    elif tiny.adapter.type in ("lora", "dora"):
+        assert (final / "adapter_model.safetensors").is_file()
+    elif tiny.sparsity.partial.enabled:
+        assert (final / "paca_adapter.safetensors").is_file()
+    else:
+        assert (final / "model.safetensors").is_file()
 
 
 def test_large_recipes_state_a_target_that_the_planner_agrees_with():

@@ -137,7 +137,13 @@ class EfftPlugin:
         from them, and settings that contradict the recipe are refused here, all at once."""
         if args is not None:
             check_training_arguments(self.recipe, args)
-        self.callback = EfftCallback()
+        tracker = None
+        if self.recipe.offload.optimizer or self.recipe.offload.activations:
+            from efft.memory.tracker import MemoryTracker
+            from efft.offload import host_bytes_in_use
+
+            tracker = MemoryTracker(host_bytes=host_bytes_in_use)  # the report shows host memory used
+        self.callback = EfftCallback(tracker)
         optimizer = self.create_optimizer(model, args)
         # Optimizers that update inside backward (layer-wise, offloaded) bring the callbacks that tie
         # them to Trainer's accumulation and clipping.
