@@ -102,3 +102,18 @@ def test_loss_falls_well_below_start(name):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses[::5]
+
+
+@pytest.mark.parametrize("name", ["galore", "apollo", "apollo_mini", "frugal"])
+def test_selectable_through_trainer_plugin(name):
+    """A recipe's optim section reaches Trainer: optimizer and its callbacks (lead's plugin)."""
+    integ = pytest.importorskip("efft.integrations.transformers")
+    m = model()
+    plain = integ.EfftPlugin({"optim": {"name": name, "rank": 4}}).trainer_kwargs(m)["optimizers"][0]
+    assert isinstance(plain, (GaLoreAdamW, APOLLOAdamW, FRUGAL))
+    kw = integ.EfftPlugin({"optim": {"name": name, "rank": 4, "layerwise": True},
+                           "train": {"gradient_accumulation_steps": 2, "max_grad_norm": 0.5}}).trainer_kwargs(m)
+    opt = kw["optimizers"][0]
+    assert isinstance(opt, LayerwiseOptimizer) and (opt.gradient_accumulation_steps, opt.max_grad_norm) == (2, 0.5)
+    assert any(type(c).__name__ == "LayerwiseCallback" for c in kw["callbacks"])
+    opt.remove_hooks()
