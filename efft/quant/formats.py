@@ -263,8 +263,8 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     mids, order = _4bit_search(quant_type, w.device)
     n = w.numel()
     # an odd count is padded with the code of 0.0 (the block padding is zeros), as bitsandbytes does
-    pos = torch.searchsorted(mids, scaled.reshape(-1)[: n + n % 2], right=False)
-    packed = pack_4bit(order[pos])
+    pos = torch.searchsorted(mids, scaled.reshape(-1)[: n + n % 2], right=False, out_int32=True)
+    packed = pack_4bit(pos if quant_type == "nf4" else order[pos])  # NF4 codes are in value order
     code = get_4bit_code(quant_type, w.device).clone()
     if not compress_statistics:
         state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
@@ -301,12 +301,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
         raise ValueError(f"dequantize_4bit: {n} values in blocks of {state.blocksize} need {n_blocks} absmax "
                          f"values, got {state.absmax.numel()}")
     absmax = dequantize_absmax(state)
-    # one gather per byte: a 256 x 2 table of (high nibble value, low nibble value)
-    pairs = state.code.to(packed.device, torch.float32)[_nibble_table(packed.device)]
+    # one gather per byte: a 256-entry table of (high nibble value, low nibble value) float32
+    # pairs, each pair read as one 8-byte item so the gather is 1-D
+    pairs = state.code.to(packed.device, torch.float32)[_nibble_table(packed.device)].contiguous()
     p = packed.reshape(-1)
     if p.dtype != torch.uint8:
         p = p.view(torch.uint8)
-    vals = pairs.index_select(0, p.int()).reshape(-1)
+    vals = pairs.view(torch.int64).reshape(256).index_select(0, p.int()).view(torch.float32)
     if vals.numel() != n_blocks * state.blocksize:
         vals = torch.nn.functional.pad(vals[:n], (0, n_blocks * state.blocksize - n))
     out = vals.view(n_blocks, state.blocksize).mul_(absmax.reshape(-1, 1)).reshape(-1)[:n]  # fresh: in place
