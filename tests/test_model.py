@@ -129,13 +129,13 @@ def test_builtin_weights_equal_the_gguf_ones(smollm):
 
 
 def test_builtin_generates_the_same_greedy_text_as_gguf(smollm):
-    prompts = ["What is the capital of France?", "Name a color."]
-    ours = generate_answers(smollm.model, smollm.tok, prompts, max_new_tokens=10)
+    prompts = ["What is the capital of France?"]
+    ours = generate_answers(smollm.model, smollm.tok, prompts, max_new_tokens=8)
     ref = []
     for p in prompts:
         ids = smollm.gguf_tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                   return_tensors="pt", return_dict=False)
-        out = smollm.gguf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+        out = smollm.gguf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         ref.append(smollm.gguf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     assert ours == ref
     assert "Paris" in ours[0]
