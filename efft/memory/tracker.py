@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "MemoryTracker",
     "SavedTensorCounter",
+    "LiveTensorBytes",
     "count_saved_tensors",
     "tensor_bytes",
     "storage_key",
@@ -272,6 +273,62 @@ def count_saved_tensors(model: Optional[torch.nn.Module] = None, exclude: Iterab
         c.peak_bytes
     """
     return SavedTensorCounter(exclude=exclude, exclude_module=model)
+
+
+# ------------------------------------------------------------------------------- live tensor bytes
+class LiveTensorBytes:
+    """Peak bytes of tensors allocated while active and still alive (a device-independent measured
+    peak: on CPU, where there is no allocator counter like ``torch.cuda.max_memory_allocated``).
+
+    Every aten op's outputs are seen through a ``TorchDispatchMode`` (forward, backward and the
+    optimizer step); an output whose storage is not one of the op's inputs is a new allocation and
+    counts until its storage is freed (checked with storage weak references). Tensors that existed
+    before (weights, optimizer state of an earlier step) are not counted: ``peak_bytes`` is what a
+    step adds on top of them. Slow (Python per op): for small models and tests."""
+
+    def __init__(self):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        counter = self
+        self.live: dict = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                ins = set()
+                for a in tree_flatten((args, kwargs))[0]:
+                    if isinstance(a, torch.Tensor) and a.device.type != "meta":
+                        ins.add(a.untyped_storage().data_ptr())
+                out = func(*args, **kwargs)
+                counter._sweep()
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        st = t.untyped_storage()
+                        k = st.data_ptr()
+                        if k and k not in ins and k not in counter.live:
+                            counter.live[k] = (StorageWeakRef(st), st.nbytes())
+                            counter.current_bytes += st.nbytes()
+                counter.peak_bytes = max(counter.peak_bytes, counter.current_bytes)
+                return out
+
+        self._mode = _Mode()
+
+    def _sweep(self) -> None:
+        dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
+        for k in dead:
+            self.current_bytes -= self.live.pop(k)[1]
+
+    def __enter__(self) -> "LiveTensorBytes":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        self._sweep()
 
 
 # ------------------------------------------------------------------------------------------ process

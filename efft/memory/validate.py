@@ -85,3 +85,30 @@ def measure_step(recipe_dict: Any, seed: int = 0) -> dict:
         "gradients": (e.gradients, grads),
         "optimizer_state": (e.optimizer_state, optimizer_state_bytes(opt)),
     }
+
+
+def measure_peak(recipe_dict: Any, seed: int = 0, label_fraction: float = 1.0) -> dict:
+    """A whole training step on CPU, measured: weights + optimizer state (exact, after a warm-up
+    step so the state exists) + the peak of tensor bytes the step allocates (LiveTensorBytes:
+    activations, gradients, temporaries). Returns predicted and measured totals and dynamic parts."""
+    from efft.optim.factory import build_optimizer
+
+    from .tracker import LiveTensorBytes
+
+    r, cfg, model = build(recipe_dict, seed)
+    opt = build_optimizer(model, r.optim, lr=1e-3)
+    batch = batch_for(r, cfg, seed, label_fraction)
+
+    def step():
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with LiveTensorBytes() as live:
+        step()
+    static = weight_bytes(model)["total"] + optimizer_state_bytes(opt)
+    e = est.estimate(recipe_dict, label_fraction=label_fraction)
+    pred_static = e.weights + e.adapters + e.optimizer_state
+    return {"total": (e.total, static + live.peak_bytes), "dynamic": (e.total - pred_static, live.peak_bytes),
+            "static": (pred_static, static)}

@@ -168,3 +168,20 @@ def test_begin_end_saved_tensors_for_callbacks():
     assert peak == c.peak_bytes > 0
     assert tr.report(model)["saved_activation_peak_bytes"] == peak
     assert tr.end_saved_tensors() == 0  # not running: nothing to stop
+
+
+def test_live_tensor_bytes_hand_built():
+    from efft.memory.tracker import LiveTensorBytes
+
+    x = torch.randn(1000, requires_grad=True)  # exists before: not counted
+    with LiveTensorBytes() as m:
+        y = x.sin()  # +4000
+        z = y.exp()  # +4000
+        assert m.current_bytes == 8000
+        del y  # still saved by sin's backward? no: sin saves x; y is freed
+        z.add_(1.0)  # in place: no allocation
+        v = z.view(10, 100)  # a view: no allocation
+        assert m.current_bytes == 4000
+        del z, v
+    assert m.peak_bytes == 8000
+    assert m.current_bytes == 0
