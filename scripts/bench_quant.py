@@ -4,7 +4,7 @@ Measures, in one run so ratios compare like with like:
   * bits per parameter (bytes of packed weight + statistics, counted from the tensors),
   * SQNR vs the fp32 weight (Gaussian and heavy-tailed Student-t weights),
   * whether efft's bytes equal bitsandbytes' for the same input,
-  * quantize, dequantize and Linear forward+backward time (median of repeats).
+  * quantize, dequantize and Linear forward+backward time (best of N repeats).
 Writes cards/quant.md (and cards/quant.json). CPU rows always; GPU rows when CUDA is available.
 
     python scripts/bench_quant.py                 # defaults: 2048x2048 weight, 512-token batch
@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -73,7 +72,7 @@ def timeit(fn, device, repeats, warmup=2):
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)  # best of N: on a shared machine the least-disturbed run is the estimate
 
 
 def sqnr(w, wq):
@@ -239,7 +238,7 @@ def render(env, quality, speed, qshape):
         "",
         "## Speed",
         "",
-        "Median of repeats after warm-up, all libraries in this one run. Linear fwd+bwd: y = x W^T with",
+        "Best of N repeats after warm-up (the machine is shared), all libraries in this one run. Linear fwd+bwd: y = x W^T with",
         "dy given, input gradient only (frozen base), bitsandbytes in train mode (its fine-tuning path).",
         "Ratios < 1 mean efft is faster.",
         "",
