@@ -248,6 +248,23 @@ def render(env, quality, speed, qshape):
         "",
         *[f"- {n}" for n in NOTES],
         "",
+        "## Usage",
+        "",
+        "```yaml",
+        "quant: {type: nf4, double_quant: true, compute_dtype: bfloat16, skip: [lm_head]}",
+        "adapter: {type: lora, r: 16, lora_alpha: 32}      # or dora, or peqa (train the scales)",
+        "```",
+        "",
+        "```python",
+        "from efft.quant import quantize_from_checkpoint, save_quantized, prepare",
+        "from efft.quant.peft import apply_lora, export_merged",
+        "model = quantize_from_checkpoint(\"ckpt_dir\", {\"type\": \"nf4\", \"double_quant\": True})  # layer by layer",
+        "model = apply_lora(model, {\"type\": \"lora\", \"r\": 16, \"lora_alpha\": 32})   # = prepare(model, None, adapter)",
+        "# ... train ...; model.save_pretrained(\"adapter\") also loads onto a transformers+bitsandbytes 4-bit base",
+        "full = export_merged(model)                       # full-precision model with the adapter merged",
+        "save_quantized(quantized_model, \"out_dir\")        # opens with AutoModelForCausalLM.from_pretrained + bitsandbytes",
+        "```",
+        "",
     ]
     return md
 
