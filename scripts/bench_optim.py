@@ -15,7 +15,6 @@ objects). Ratios are to torch AdamW. Writes a section of cards/optim.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -218,7 +217,7 @@ def main(argv=None):
     h, i, kv, v, L = spec["hidden"], spec["inter"], spec["kv"], spec["vocab"], spec["layers"]
     n_params = 2 * v * h + L * (2 * h * h + 2 * kv * h + 3 * i * h + 2 * h) + h
     lines = [
-        f"## Step time and optimizer state ({args.shapes} shapes)",
+        f"## Step time and optimizer state ({args.shapes} shapes, rank {args.rank})",
         "",
         f"Device: {environment(device)}. Shapes: hidden {spec['hidden']}, intermediate {spec['inter']}, "
         f"{spec['layers']} layers, vocab {spec['vocab']} ({n_params/1e6:.1f}M parameters, fp32); rank {args.rank} "
@@ -246,7 +245,7 @@ def main(argv=None):
         lines += ["", args.note]
     section = "\n".join(lines)
     print("\n" + section)
-    write_card(section, f"bench-{args.shapes}", Path(args.card))
+    write_card(section, f"bench-{args.shapes}" + ("" if args.rank == 128 else f"-r{args.rank}"), Path(args.card))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -1,7 +1,6 @@
 """efft's optimizers against the authors' packages (galore-torch, apollo-torch): same model, same
 batches, same groups, 20 steps with projector refreshes, fp32; parameters must agree tightly."""
 import pytest
-import torch
 
 from efft.optim import APOLLOAdamW, GaLoreAdamW
 
