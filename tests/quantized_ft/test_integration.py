@@ -132,9 +132,10 @@ def test_recipe_trains_through_trainer_and_resumes_exactly(tmp_path):
     assert second["global_step"] == 6
     curve = lambda c: [l for _, l in c["loss_curve"]]  # noqa: E731
     assert curve(second) == curve(full)
-    # the final model files (int8 codes, scales, rounding-stream state) are bit-identical
-    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    b = load_file(part / "final" / "model.safetensors")
+    # the final int8 files (codes, scales, rounding-stream state) are bit-identical; final/ itself
+    # holds the plain bf16 export (efft.compose.save_final)
+    a = load_file(tmp_path / "full" / "final" / "int8" / "model.safetensors")
+    b = load_file(part / "final" / "int8" / "model.safetensors")
     assert a.keys() == b.keys() and any(k.endswith("weight_codes") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
