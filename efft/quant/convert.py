@@ -208,7 +208,10 @@ def quantize_from_checkpoint(path: str, config=None, dtype: torch.dtype = torch.
         layer = layers[owner]
         if set(entries) == {"weight"}:  # full precision: quantize now
             w = read(*entries["weight"]).to(device=device, dtype=dtype)
-            layer.quantize_weight_(w.t() if getattr(layer, "transposed_source", False) else w)
+            try:
+                layer.quantize_weight_(w.t() if getattr(layer, "transposed_source", False) else w)
+            except (ValueError, TypeError) as e:
+                raise QuantCheckpointError(f"{entries['weight'][1]}: {e}") from None
             del w
         else:
             load_layer_tensors(layer, {rel: read(*fk).to(device) for rel, fk in entries.items()}, owner + ".")

@@ -159,3 +159,27 @@ def test_build_from_checkpoint_peak_host_memory_below_full_model(tmp_path):
     assert peaks["stream"] < 0.5 * full, (peaks, full)
     # the usual path (load fp32, then quantize) holds the whole fp32 model: the measurement sees it
     assert peaks["full"] > full, (peaks, full)
+
+
+def test_build_from_checkpoint_names_missing_and_mismatched_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from efft.quant import QuantCheckpointError
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    cfg = {"type": "nf4", "compute_dtype": "float32"}
+    save_file({k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}, tmp_path / "model.safetensors")
+    with pytest.raises(QuantCheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: missing from the checkpoint"):
+        quantize_from_checkpoint(str(tmp_path), cfg)
+    bad = dict(sd)
+    bad["model.norm.weight"] = torch.ones(65)
+    save_file(bad, tmp_path / "model.safetensors")
+    with pytest.raises(QuantCheckpointError, match=r"model\.norm\.weight: expected shape \[64\], got \[65\]"):
+        quantize_from_checkpoint(str(tmp_path), cfg)
+    bad = dict(sd)
+    bad["model.layers.0.self_attn.q_proj.weight"] = torch.ones(64, 65)
+    save_file(bad, tmp_path / "model.safetensors")
+    with pytest.raises(QuantCheckpointError,
+                       match=r"model\.layers\.0\.self_attn\.q_proj\.weight: .*has shape \(64, 65\), expected \(64, 64\)"):
+        quantize_from_checkpoint(str(tmp_path), cfg)
