@@ -908,7 +908,8 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     if sp.loss_tokens.enabled:
         ws.append(3 * 4 * min(T, sp.loss_tokens.chunk_size) * arch.vocab)
     else:
-        ws.append(2 * 4 * T * arch.vocab + (e * T * arch.vocab if e != 4 else 0))
+        # loss backward: the dense float32 gradient reaching log_softmax and the one it returns
+        ws.append(2 * 4 * T * arch.vocab)
     if r.model.attn_implementation == "eager":
         ws.append(2 * 4 * b * arch.heads * s * s)
     ws.append(3 * e * T * arch.intermediate)
