@@ -65,7 +65,7 @@ class APOLLOAdamW(ProjectedOptimizer):
         if group["proj"] == "svd" and not torch.isfinite(grad.sum()):
             return self._skip()
         basis = self._basis(p, grad, group, state, side, rank)
-        r = project(grad, basis, side)
+        r = project(grad, basis, side).float()  # statistics in fp32 (no-op for fp32 parameters)
         # Channels are along the side that is not projected: columns for left, rows for right.
         # square().sum() rather than norm(dim=...): several times faster on CPU for strided dims.
         dim = 0 if side == "left" else 1
@@ -80,10 +80,10 @@ class APOLLOAdamW(ProjectedOptimizer):
         d_sq = direction.square().sum(dim=dim, keepdim=True)
         if group["scale_type"] == "channel":
             factor = d_sq.sqrt() / (r_sq.sqrt() + 1e-8)
-            full_norm = (grad.square().sum(dim=dim, keepdim=True).to(factor.dtype) * factor.square()).sum().sqrt()
+            full_norm = (grad.square().sum(dim=dim, keepdim=True, dtype=torch.float32) * factor.square()).sum().sqrt()
         else:
             factor = d_sq.sum().sqrt() / (r_sq.sum().sqrt() + 1e-8)
-            full_norm = grad.norm().to(factor.dtype) * factor
+            full_norm = torch.linalg.vector_norm(grad, dtype=torch.float32) * factor
         factor = factor * clip
         full_norm = full_norm * clip
         if self.norm_growth_limit is not None:

@@ -179,3 +179,21 @@ def test_one_dimensional_params_in_rank_group_get_adamw(cls):
             w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
             opt.step()
     assert opt.state[b]["exp_avg"].shape == (7,)
+
+
+@pytest.mark.parametrize("cls,extra", [(GaLoreAdamW, {}), (GaLoreAdamW, {"projector": "rsvd"}), (APOLLOAdamW, {}),
+                                       (APOLLOAdamW, {"scale_type": "tensor", "rank": 1}), (FRUGAL, {}), (FRUGAL, {"projector": "svd"})])
+def test_bf16_parameters_keep_fp32_moments(cls, extra):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter((torch.randn(24, 40) * 0.1).bfloat16())
+    b = torch.nn.Parameter(torch.zeros(24, dtype=torch.bfloat16))
+    ref = w.detach().float().clone()
+    opt = cls([{"params": [b]}, {"params": [w], "rank": 4, **extra}], lr=1e-2)
+    for _ in range(3):
+        w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+        opt.step()
+    assert w.dtype == torch.bfloat16 and torch.isfinite(w.float()).all()
+    assert (w.float() - ref).abs().max() > 1e-3
+    for st in opt.state.values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert st[k].dtype == torch.float32
