@@ -26,10 +26,12 @@ def test_galore_matches_galore_torch(proj_type):
     assert max_diff(ref, model()) > 1e-2  # the runs moved the weights
 
 
-@pytest.mark.parametrize("variant", ["apollo", "apollo_mini"])
+@pytest.mark.parametrize("variant", ["apollo", "apollo_svd", "apollo_mini"])
 def test_apollo_matches_apollo_torch(variant):
     if variant == "apollo":
         lowrank = dict(rank=4, update_proj_gap=7, scale=1.0, proj_type="std", proj="random", scale_type="channel")
+    elif variant == "apollo_svd":
+        lowrank = dict(rank=8, update_proj_gap=7, scale=1.0, proj_type="std", proj="svd", scale_type="channel")
     else:
         lowrank = dict(rank=1, update_proj_gap=7, scale=128.0, proj_type="std", proj="random", scale_type="tensor")
     ref, ours = model(), model()
