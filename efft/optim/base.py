@@ -48,7 +48,6 @@ class ProjectedOptimizer(Optimizer):
         seed: int = 0,
         stagger_refresh: bool = False,
         state_bits: int = 32,
-        **lowrank_defaults: Any,
     ):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr!r}")
@@ -68,7 +67,7 @@ class ProjectedOptimizer(Optimizer):
         self._group_of: dict[torch.Tensor, dict] = {}
         self._warned_rank: set[int] = set()
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        state_bits=state_bits, **lowrank_defaults)
+                        state_bits=state_bits)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------------------- groups
