@@ -45,6 +45,9 @@ class LayerwiseOptimizer(Optimizer):
             raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {gradient_accumulation_steps!r}")
         if not max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm!r}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ValueError("layerwise: not supported with several processes (DDP all-reduces gradients after "
+                             "the hooks that consume them); use the optimizer without layer-wise mode")
         self.inner = inner
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = float(max_grad_norm)
