@@ -52,6 +52,14 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     prompts = recipe.generate.prompts if main else []
     before = generate_answers(model, tokenizer, prompts, recipe.generate.max_new_tokens) if prompts else []
 
+    if recipe.data.packing:
+        from efft.data import packing_problem
+
+        problem = packing_problem(model)
+        if problem:
+            from efft.config import RecipeError
+
+            raise RecipeError([("data.packing", problem)])
     plugin = EfftPlugin(recipe)
     model = plugin.prepare_model(model)
     train_ds, eval_ds = load_dataset_from_config(recipe.data, tokenizer, seed=t.seed)

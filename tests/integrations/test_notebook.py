@@ -21,6 +21,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFT_NOTEBOOK_STEPS", "2")
     monkeypatch.setenv("EFFT_NOTEBOOK_NEW_TOKENS", "8")
     monkeypatch.setenv("EFFT_NOTEBOOK_OUT", str(tmp_path / "run"))
+    monkeypatch.setenv("EFFT_NOTEBOOK_OVERRIDES", "data.max_seq_length=64 train.per_device_train_batch_size=2")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parents[1])}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
