@@ -420,6 +420,28 @@ class MemoryTracker:
             yield c
         self.saved_peak_bytes = max(self.saved_peak_bytes, c.peak_bytes)
 
+    def watch_gradients(self, model: torch.nn.Module) -> None:
+        """Track the most gradient bytes alive at once during backward (``gradient_peak_bytes`` in the
+        report). Tensor hooks run before gradient accumulation, hence before any post-accumulate hook
+        of a layer-wise optimizer frees a gradient: each sample is the gradients alive plus the one
+        arriving. Call :meth:`unwatch_gradients` to remove the hooks."""
+        self.unwatch_gradients()
+        self.grad_peak_bytes = 0
+
+        def make(p):
+            def hook(g):
+                alive = gradient_bytes(model) + (g.numel() * g.element_size() if p.grad is None else 0)
+                if alive > self.grad_peak_bytes:
+                    self.grad_peak_bytes = alive
+            return hook
+
+        self._grad_handles = [p.register_hook(make(p)) for p in model.parameters() if p.requires_grad]
+
+    def unwatch_gradients(self) -> None:
+        for h in getattr(self, "_grad_handles", []):
+            h.remove()
+        self._grad_handles = []
+
     def begin_saved_tensors(self, model: Optional[torch.nn.Module] = None) -> SavedTensorCounter:
         """Start counting saved tensors (for callbacks: ``on_step_begin``); pair with :meth:`end_saved_tensors`."""
         if self.saved is not None and self.saved._ctx is not None:
@@ -440,6 +462,8 @@ class MemoryTracker:
     def report(self, model: Optional[torch.nn.Module] = None, optimizer: Any = None) -> dict:
         d = report(model, optimizer, saved_activation_bytes=self.saved_peak_bytes or None, host_bytes=self.host_bytes)
         d["device"] = str(self.device)
+        if getattr(self, "_grad_handles", None) or getattr(self, "grad_peak_bytes", 0):
+            d["gradient_peak_bytes"] = int(self.grad_peak_bytes)
         if self.on_cuda:
             d["peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
             d["peak_kind"] = "cuda_max_memory_allocated"
@@ -506,6 +530,7 @@ _ROWS = [
     ("weights (frozen)", "weights_frozen_bytes"),
     ("buffers", "buffers_bytes"),
     ("gradients", "gradient_bytes"),
+    ("gradients (peak in backward)", "gradient_peak_bytes"),
     ("optimizer state", "optimizer_state_bytes"),
     ("saved activations (peak)", "saved_activation_peak_bytes"),
     ("host (offload)", "host_offload_bytes"),

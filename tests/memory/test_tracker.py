@@ -185,3 +185,25 @@ def test_live_tensor_bytes_hand_built():
         del z, v
     assert m.peak_bytes == 8000
     assert m.current_bytes == 0
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_watch_gradients_peak(layerwise):
+    """Whole-model step: all gradients at once. Layer-wise (updates in backward free each gradient):
+    the peak is one parameter's gradient (the largest), even though the optimizer hooks came first."""
+    from types import SimpleNamespace
+
+    from efft.optim.factory import build_optimizer
+
+    model = tiny_model("llama")
+    opt = build_optimizer(model, SimpleNamespace(name="apollo_mini", layerwise=layerwise), lr=1e-3)
+    tr = MemoryTracker(device="cpu")
+    tr.watch_gradients(model)
+    model(**tiny_batch(batch=1, seq=8)).loss.backward()
+    opt.step()
+    sizes = [p.numel() * 4 for p in model.parameters()]
+    d = tr.report(model, opt)
+    assert d["gradient_peak_bytes"] == (max(sizes) if layerwise else sum(sizes))
+    assert "gradients (peak in backward)" in format_report(d)
+    tr.unwatch_gradients()
+    assert tr._grad_handles == []
