@@ -48,9 +48,10 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
 
         model = prepare_int8_training(model, q, embeddings=q.embeddings, seed=recipe.train.seed)
     else:
-        from efft.quant import prepare
+        from efft.quant import QuantLinear, prepare
 
-        model = prepare(model, q, a)  # quantize (or not), then lora | dora | peqa | none
+        already = any(isinstance(m, QuantLinear) for m in model.modules())  # built quantized from a checkpoint
+        model = prepare(model, None if already else q, a)  # quantize (or not), then lora | dora | peqa | none
     if sparsity_enabled(recipe):
         from efft.sparsity import apply_sparsity
 

@@ -145,8 +145,8 @@ class OptimConfig(Section):
     update_proj_gap: int = Field(200, gt=0)
     scale: Optional[float] = Field(None, gt=0, description="Default: galore 0.25, apollo 1.0, apollo_mini 128.")
     proj_type: Literal["std", "reverse_std", "left", "right"] = "std"
-    projector: Literal["svd", "rsvd", "random", "block"] = Field(
-        "svd", description="galore: svd|rsvd; apollo: random; frugal: block|svd|random."
+    projector: Optional[Literal["svd", "rsvd", "random", "block"]] = Field(
+        None, description="Default per optimizer: galore svd (rsvd is faster), apollo random, frugal block."
     )
     scale_type: Optional[Literal["channel", "tensor"]] = Field(None, description="apollo: channel; apollo_mini: tensor.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
@@ -192,6 +192,7 @@ class AdapterConfig(Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     modules_to_save: list[str] = Field(default_factory=list)
+    granularity: Literal["block", "channel"] = Field("block", description="peqa: one trained scale per quantization block, or per output channel.")
 
 
 # ------------------------------------------------------------------------------------------- sparsity

@@ -191,10 +191,13 @@ def _from_config_block(block: dict, dtype: torch.dtype, attn: str):
     return config, AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
 
 
-def load_model(cfg, *, dtype=None):
+def load_model(cfg, *, dtype=None, quant=None):
     """``(model, tokenizer)`` for a ``ModelConfig``-like object (duck-typed: path/config/builtin,
     tokenizer, dtype, attn_implementation). ``dtype`` overrides ``cfg.dtype``. A ``config:`` model is
-    randomly initialised from torch's current RNG: seed before calling."""
+    randomly initialised from torch's current RNG: seed before calling.
+
+    With a frozen quantized base (``quant.type`` nf4/fp4/int8, not trainable) a checkpoint on disk is
+    quantized layer by layer as it is read, so the full-precision model never sits in memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _dtype(dtype if dtype is not None else getattr(cfg, "dtype", "float32"))
@@ -232,7 +235,12 @@ def load_model(cfg, *, dtype=None):
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"model.path: {path} is not a model directory (no config.json found)")
             source = f"model.path {path}"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        if quant is not None and getattr(quant, "type", "none") != "none" and not getattr(quant, "trainable", False):
+            from efft.quant import quantize_from_checkpoint
+
+            model = quantize_from_checkpoint(str(path), quant, dtype=dtype, model_kwargs={"attn_implementation": attn})
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
         tokenizer = AutoTokenizer.from_pretrained(tok_path or path)
     _check_vocab(model, tokenizer, source)
     _set_generation_defaults(model, tokenizer)

@@ -47,7 +47,7 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     transformers.set_seed(t.seed)
     started = time.time()
 
-    model, tokenizer = load_model(recipe.model)
+    model, tokenizer = load_model(recipe.model, quant=recipe.quant)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks and writes
     prompts = recipe.generate.prompts if main else []
     before = generate_answers(model, tokenizer, prompts, recipe.generate.max_new_tokens) if prompts else []

@@ -83,3 +83,29 @@ def test_resume_from_a_non_checkpoint_is_refused(data_path, tmp_path):
     r = recipe(data_path, tmp_path / "x", resume_from_checkpoint=str(tmp_path))
     with pytest.raises(config.RecipeError, match="trainer_state.json"):
         train(r)
+
+
+def test_qlora_from_a_local_checkpoint_quantizes_while_loading(data_path, tmp_path):
+    """model.path + nf4: efft.model builds the 4-bit model layer by layer from the safetensors files."""
+    from transformers import AutoModelForCausalLM, AutoConfig
+
+    from efft.model import load_model
+    from efft.quant import QuantLinear
+    from efft.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    src = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY))
+    src.save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    r = config.validate({"model": {"path": str(tmp_path / "model")}, "data": {"path": str(data_path), "max_seq_length": 64},
+                         "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 2},
+                         "quant": {"type": "nf4", "compute_dtype": "float32", "blocksize": 32},
+                         "adapter": {"type": "lora", "r": 4}})
+    model, _ = load_model(r.model, quant=r.quant)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 2 * 7  # q k v o gate up down in each of 2 layers; lm_head skipped
+    w = src.model.layers[0].self_attn.q_proj.weight
+    assert (layers[0].dequantize().float() - w).abs().max() < 0.2 * w.abs().max()
+    card = train(r)
+    assert card["global_step"] == 2
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
