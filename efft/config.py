@@ -277,10 +277,6 @@ class Recipe(Section):
     target_gpu_memory: Optional[str] = Field(None, description="What the recipe is meant to fit, e.g. '24GB'.")
 
 
-# Features whose section exists in the schema but whose code has not landed: refused, never ignored.
-NOT_BUILT: dict[str, str] = {}
-
-
 def _combination_problems(r: Recipe) -> list[tuple[str, str]]:
     """Cross-section rules: things each section allows alone but not together."""
     p: list[tuple[str, str]] = []
@@ -300,20 +296,7 @@ def _combination_problems(r: Recipe) -> list[tuple[str, str]]:
         p.append(("optim.layerwise", "layer-wise updates are available for adamw, galore, apollo, apollo_mini, frugal"))
     if r.train.fp16 and r.quant.compute_dtype == "bfloat16" and r.quant.type != "none":
         p.append(("train.fp16", "fp16 training with a bfloat16 quant.compute_dtype: set quant.compute_dtype: float16"))
-    for key, why in NOT_BUILT.items():
-        section, _, field = key.partition(":")
-        value = _get_path(r, section)
-        if value is not None and (value is True or (field and str(value) == field)):
-            p.append((section, f"not available yet: {why}"))
     return p
-
-
-def _get_path(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 # ------------------------------------------------------------------------------------ load + overrides
