@@ -210,7 +210,8 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None, blo
         idx = ((v + 1.0) * 0.5 * float(_LUT_POINTS - 1) + 0.5).to(torch.int64)
         q = _lut(code)[idx]
         q = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(q), q).reshape(-1)
-    return q[:n].reshape(A.shape), absmax
+    q = q[:n] if q.numel() == n else q[:n].clone()  # no padding kept alive behind a view
+    return q.reshape(A.shape), absmax
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: Optional[torch.Tensor] = None,
