@@ -30,6 +30,24 @@ def _resume_target(recipe: Recipe) -> str | None:
     return None
 
 
+def _check_fits(recipe: Recipe) -> None:
+    """With ``target_gpu_memory`` set, plan before loading anything and refuse what cannot fit."""
+    if not recipe.target_gpu_memory:
+        return
+    from efft.config import RecipeError
+    from efft.memory import estimate as est
+
+    try:
+        plan = est.estimate(recipe, gpu_memory=est.parse_size(recipe.target_gpu_memory))
+    except ValueError as e:  # a family the planner has no activation model for: train anyway
+        print(f"efft: no memory plan ({e})")
+        return
+    if plan.fits is False:
+        fix = f"; {plan.suggestion}" if plan.suggestion else ""
+        raise RecipeError([("target_gpu_memory", f"{plan.verdict}{fix}")])
+    print(f"efft: {plan.verdict}")
+
+
 def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) -> dict:
     """Run a validated recipe end to end; returns the run card (also written to output_dir).
 
@@ -41,6 +59,7 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     from efft.compose import check_recipe
 
     check_recipe(recipe)  # plugin-level refusals come before any weight loads
+    _check_fits(recipe)
     t = recipe.train
     out_dir = Path(t.output_dir)
     resume = _resume_target(recipe)

@@ -109,3 +109,19 @@ def test_qlora_from_a_local_checkpoint_quantizes_while_loading(data_path, tmp_pa
     card = train(r)
     assert card["global_step"] == 2
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_recipe_that_cannot_fit_is_refused_before_loading(data_path, tmp_path, monkeypatch):
+    import efft.model
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights were loaded for a recipe that cannot fit")
+
+    monkeypatch.setattr(efft.model, "load_model", no_loading)
+    r = config.validate({"model": {"config": TINY}, "data": {"path": str(data_path)},
+                         "train": {"output_dir": str(tmp_path / "x"), "max_steps": 2}, "target_gpu_memory": "12MB"})
+    with pytest.raises(config.RecipeError) as e:
+        train(r)
+    (path, msg), = e.value.problems
+    assert path == "target_gpu_memory" and "does not fit" in msg and "overrides:" in msg
+    assert not (tmp_path / "x").exists()

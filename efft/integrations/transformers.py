@@ -35,12 +35,28 @@ class EfftCallback(TrainerCallback):
         self.tokens_per_second: float | None = None
         self.optimizer = None
         self.model = None
+        self._measuring = "done"
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
         self.model, self.optimizer = model, optimizer
         self.tracker.start()
+        # The first optimizer step is measured in detail (peak gradient bytes, saved-activation
+        # bytes); the hooks come off afterwards so the other steps run at full speed.
+        self.tracker.watch_gradients(model)
+        self._measuring = "pending"
         self.t0 = time.perf_counter()
         self.tokens0 = state.num_input_tokens_seen
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        if self._measuring == "pending":
+            self.tracker.begin_saved_tensors(model)
+            self._measuring = "on"
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._measuring == "on":
+            self.tracker.end_saved_tensors()
+            self.tracker.unwatch_gradients()
+            self._measuring = "done"
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs is None or self.t0 is None or "loss" not in logs:
