@@ -86,10 +86,10 @@ class LayerwiseOptimizer(Optimizer):
         if acc is not None:
             if p.grad is not None:
                 acc.add_(self.inner.project_grad(p, p.grad))
-            self._sq_norm += float(acc.float().square().sum())
+            self._sq_norm = self._sq_norm + acc.float().square().sum().double()  # no host sync per layer
             self.inner.apply_projected(p, acc, self._clip)
         elif p.grad is not None:
-            self._sq_norm += float(p.grad.float().square().sum())
+            self._sq_norm = self._sq_norm + p.grad.float().square().sum().double()
             self.inner.update_param(p, p.grad, self._clip)
         p.grad = None
 
@@ -105,7 +105,7 @@ class LayerwiseOptimizer(Optimizer):
             self._finish(p)  # fewer micro-batches than N (end of an epoch)
         for p in list(self._acc):
             self._finish(p)
-        norm = math.sqrt(self._sq_norm)
+        norm = math.sqrt(float(self._sq_norm))  # the step's one host sync
         self.last_grad_norm = norm
         if self.max_grad_norm > 0:
             self._clip = min(1.0, self.max_grad_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
