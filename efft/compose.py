@@ -1,7 +1,7 @@
-"""Composes the plugins from a recipe: model preparation and the optimizer.
+"""Composes the plugins from a recipe: checks, model preparation, the optimizer, the final save.
 
 The CLI loop (efft/train.py) and the Trainer plugin (efft/integrations/transformers.py) both call
-these two functions, so a recipe gives the same model and optimizer either way. Each plugin is a
+these functions, so a recipe gives the same model and optimizer either way. Each plugin is a
 function of (model, its section) or (params, its section); none imports another.
 """
 from __future__ import annotations
