@@ -19,7 +19,7 @@ EPILOG = """examples:
   efft validate my.yaml
   efft estimate recipes/llama3-8b-qlora.yaml --gpu-memory 24GB
   efft ls
-  efft cp qlora my-qlora.yaml
+  efft cp llama3-8b-qlora my-qlora.yaml
 
 Overrides are dotted paths into the recipe (section.key=value), values parsed as YAML;
 short forms: lr, max_steps, epochs, batch_size, output_dir, seed."""
