@@ -91,7 +91,7 @@ def render_markdown(card: dict) -> str:
         f"- device: {dev.get('type')} — {dev.get('name')}",
         f"- steps: {card.get('global_step')}, train time: {card.get('train_seconds', 0):.1f} s, "
         f"tokens/s: {card.get('tokens_per_second') or 0:.1f}",
-        f"- loss: first {card.get('first_loss')}, last {card.get('last_loss')}",
+        f"- loss: first {_fmt_loss(card.get('first_loss'))}, last {_fmt_loss(card.get('last_loss'))}",
         f"- parameters: {card.get('trainable_params'):,} trainable of {card.get('total_params'):,}",
         "",
         "## Memory",
@@ -111,6 +111,10 @@ def render_markdown(card: dict) -> str:
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in card.get("versions", {}).items() if v), ""]
     lines += ["## Recipe", "", "```json", json.dumps(card.get("recipe", {}), indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _fmt_loss(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
 
 
 def _fmt_bytes(v) -> str:

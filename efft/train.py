@@ -135,7 +135,9 @@ def _print_summary(card: dict, cb) -> None:
     from efft.memory.tracker import format_report
 
     print()
-    print(f"efft: {card['global_step']} steps in {card['train_seconds']:.1f} s; loss {card['first_loss']} -> {card['last_loss']}")
+    first, last = card["first_loss"], card["last_loss"]
+    trend = f"; loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else ""
+    print(f"efft: {card['global_step']} steps in {card['train_seconds']:.1f} s{trend}")
     print(format_report(card["memory"]))
     for g in card["generations"]:
         print(f"\nprompt: {g['prompt']}\n  before: {g['before']}\n  after:  {g['after']}")
