@@ -15,6 +15,11 @@ its forward hook leaves it; hooks on each layer only say which layer is running.
   recognised as the previous layer's output (layer 0's input then stays on the device);
 - nothing when the sequence is shorter than ``min_seq_length``, in eval, or under no_grad.
 
+One host copy per storage: views saved from the same memory (q/k/v's inputs, one norm output seen
+through fresh views) share the copy of the byte range they cover, fetched back once; each unpacks
+with its own size, stride and offset. A storage is recognised by address while it is alive (held
+weakly) and at the same version counter value (written in place since: a new copy).
+
 In backward, unpacking any tensor of layer L starts copies back for layers L .. L-``prefetch_layers``
 on the side stream; the compute stream waits on each copy's event only when it needs the tensor.
 """
@@ -60,21 +65,28 @@ class _Kept:
         self.tensor, self.layer, self.fid = tensor, layer, fid
 
 
-class _Offloaded:
-    """A saved tensor living in a host buffer until backward fetches it."""
+class _Span:
+    """One host copy of a byte range of a device storage, shared by every view saved from it (the
+    views saved by q/k/v of one norm output, say): copied to host once, fetched back once."""
 
-    __slots__ = ("layer", "fid", "shape", "stride", "dtype", "nbytes", "host", "buf", "pool", "dev", "event",
-                 "prefetched", "__weakref__")
+    __slots__ = ("layer", "fid", "lo", "hi", "version", "nbytes", "buf", "pool", "dev", "event", "prefetched",
+                 "__weakref__")
 
     def __init__(self, layer, fid, t: torch.Tensor, pool: HostBufferPool):
         self.layer, self.fid, self.pool = layer, fid, pool
-        self.shape, self.stride, self.dtype = t.shape, t.stride(), t.dtype
         self.nbytes = t.numel() * t.element_size()
+        self.lo = t.storage_offset() * t.element_size()  # bytes [lo, hi) of the storage
+        self.hi = self.lo + self.nbytes
+        self.version = t._version
         self.buf = pool.acquire(self.nbytes, what=f"activation {tuple(t.shape)} {t.dtype}")
-        self.host = self.buf.view(t.dtype).as_strided(t.shape, t.stride())
-        self.dev: Optional[torch.Tensor] = None
+        self.dev: Optional[torch.Tensor] = None  # the fetched bytes (uint8) on the device
         self.event = None
         self.prefetched = False
+
+    def covers(self, t: torch.Tensor) -> bool:
+        lo = t.storage_offset() * t.element_size()
+        return (t._version == self.version and self.lo <= lo and lo + t.numel() * t.element_size() <= self.hi
+                and (lo - self.lo) % t.element_size() == 0)
 
     def release(self, event=None) -> None:
         if self.buf is not None:
@@ -88,9 +100,27 @@ class _Offloaded:
             pass
 
 
+class _Offloaded:
+    """A saved (dense) tensor whose bytes live in a shared :class:`_Span` until backward fetches it;
+    unpacking rebuilds it with its own size, stride and offset over the fetched bytes."""
+
+    __slots__ = ("span", "layer", "fid", "shape", "stride", "dtype", "start", "nbytes")
+
+    def __init__(self, span: _Span, layer, fid, t: torch.Tensor):
+        self.span, self.layer, self.fid = span, layer, fid
+        self.shape, self.stride, self.dtype = t.shape, t.stride(), t.dtype
+        self.nbytes = t.numel() * t.element_size()
+        self.start = t.storage_offset() * t.element_size() - span.lo  # byte offset into the span
+
+    def over(self, raw: torch.Tensor) -> torch.Tensor:
+        """This tensor laid over ``raw`` (the span's bytes, uint8) with its own size and stride."""
+        return raw[self.start:self.start + self.nbytes].view(self.dtype).as_strided(self.shape, self.stride)
+
+
 class ActivationOffload:
-    """The installed hooks; ``remove()`` takes them out. ``stats`` counts tensors and bytes;
-    ``trace`` (when asked) lists every decision in order, for tests."""
+    """The installed hooks; ``remove()`` takes them out. ``stats`` counts tensors and bytes
+    (``offloaded``: host copies made; ``shared``: saved tensors served by an existing copy of their
+    storage); ``trace`` (when asked) lists every decision in order, for tests."""
 
     def __init__(self, model: nn.Module, cfg: Any = None, *, layers: Optional[nn.ModuleList] = None,
                  stack: Optional[nn.Module] = None, trace: bool = False):
@@ -117,7 +147,7 @@ class ActivationOffload:
         self.trace: Optional[list] = [] if trace else None
         self.mover = Mover(self.device)
         self.stats = {"offloaded": 0, "offloaded_bytes": 0, "kept": 0, "kept_bytes": 0, "prefetched": 0, "fetched": 0,
-                      "forwards_offloaded": 0, "forwards_skipped": 0}
+                      "shared": 0, "shared_bytes": 0, "forwards_offloaded": 0, "forwards_skipped": 0}
         self._lock = threading.Lock()
         self._ctx = None
         self._layer: Optional[int] = None
@@ -231,18 +261,37 @@ class ActivationOffload:
             self.stats["kept_bytes"] += t.numel() * t.element_size()
             self._note("keep", layer, why)
             return _Kept(t, layer, self._fid)
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
-        hit = self._dedupe.get(key)
-        if hit is not None and hit[0]() is not None:  # same tensor saved again, still alive: same handle
-            return hit[1]
-        h = _Offloaded(layer, self._fid, t, self.pool)
-        h.event = self.mover.to_host(h.host, t, tag=("activation", layer))
-        self._dedupe[key] = (weakref.ref(t), h)
+        # One host copy per storage: views saved from the same memory (q/k/v's views of one norm output)
+        # share it. The storage is held weakly: a dead one (its address reused by a new tensor) is a
+        # miss, and so is one written in place since it was copied (its version moved on).
+        st = t.untyped_storage()
+        key = (t.device.type, t.device.index, st.data_ptr())
+        entry = self._dedupe.get(key)
+        span = None
+        if entry is not None and entry[0]() is st:
+            span = next((sp for sp in entry[1] if sp.covers(t)), None)
+        if span is not None:
+            h = _Offloaded(span, layer, self._fid, t)
+            if layer > span.layer:  # backward needs it first for this (later) layer: fetch it with that one
+                span.layer = layer
+                with self._lock:
+                    self._pending.setdefault((self._fid, layer), []).append(weakref.ref(span))
+            self.stats["shared"] += 1
+            self.stats["shared_bytes"] += h.nbytes
+            self._note("share", layer, h.nbytes)
+            return h
+        span = _Span(layer, self._fid, t, self.pool)
+        h = _Offloaded(span, layer, self._fid, t)
+        span.event = self.mover.to_host(h.over(span.buf), t, tag=("activation", layer))
+        if t.numel() > 0:
+            if entry is None or entry[0]() is not st:
+                entry = self._dedupe[key] = (weakref.ref(st), [])
+            entry[1][:] = [sp for sp in entry[1] if sp.version == span.version] + [span]
         with self._lock:
-            self._pending.setdefault((self._fid, layer), []).append(weakref.ref(h))
+            self._pending.setdefault((self._fid, layer), []).append(weakref.ref(span))
         self.stats["offloaded"] += 1
-        self.stats["offloaded_bytes"] += h.nbytes
-        self._note("offload", layer, h.nbytes)
+        self.stats["offloaded_bytes"] += span.nbytes
+        self._note("offload", layer, span.nbytes)
         return h
 
     def _unpack(self, obj):
@@ -251,10 +300,11 @@ class ActivationOffload:
                 self._prefetch(obj.fid, obj.layer)
             return obj.tensor
         self._prefetch(obj.fid, obj.layer)
-        if obj.dev is None:
-            self._start_fetch(obj, ahead=False)
-        self.mover.wait_here(obj.event)
-        return obj.dev
+        span = obj.span
+        if span.dev is None:
+            self._start_fetch(span, ahead=False)
+        self.mover.wait_here(span.event)
+        return obj.over(span.dev)
 
     def _prefetch(self, fid: int, layer: int) -> None:
         """Start the copies back for layers layer .. layer - prefetch_layers (own layer included)."""
@@ -264,19 +314,23 @@ class ActivationOffload:
             with self._lock:
                 refs = self._pending.pop((fid, L), None)
             for ref in refs or ():
-                h = ref()
-                if h is not None and h.dev is None:
-                    self._start_fetch(h, ahead=True)
+                sp = ref()
+                if sp is not None and sp.dev is None:
+                    self._start_fetch(sp, ahead=True)
 
-    def _start_fetch(self, h: _Offloaded, ahead: bool) -> None:
+    def _start_fetch(self, sp: _Span, ahead: bool) -> None:
         # On CPU (host == device) this is still a real copy, so CI runs the same path. The offload
-        # copy ran earlier on the same side stream, so this one is ordered after it.
-        h.dev = torch.empty_strided(h.shape, h.stride, dtype=h.dtype, device=self.device)
-        h.event = self.mover.to_device(h.dev, h.host, tag=("activation", h.layer))
-        h.prefetched = ahead
-        h.release(h.event)
+        # copy ran earlier on the same side stream, so this one is ordered after it. One copy serves
+        # every view of the span; its host buffer goes back to the pool once the copy is done.
+        with self._lock:  # once per span, even if two of its views are unpacked at the same time
+            if sp.dev is not None:
+                return
+            dev = torch.empty(sp.nbytes, dtype=torch.uint8, device=self.device)
+            sp.event = self.mover.to_device(dev, sp.buf, tag=("activation", sp.layer))
+            sp.dev, sp.prefetched = dev, ahead
+            sp.release(sp.event)
         self.stats["prefetched" if ahead else "fetched"] += 1
-        self._note("prefetch" if ahead else "fetch", h.layer, h.nbytes)
+        self._note("prefetch" if ahead else "fetch", sp.layer, sp.nbytes)
 
     # ------------------------------------------------------------------------------ misc
     def host_bytes(self) -> int:

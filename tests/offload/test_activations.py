@@ -193,3 +193,156 @@ def test_other_families_bitwise(family):
         ms.append(m)
     assert h.stats["offloaded"] == h.stats["prefetched"] > 0
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(ms[0].parameters(), ms[1].parameters()) if a.grad is not None)
+
+
+def _distinct_storages(h):
+    """Wrap the pack hook to record the storage of every tensor it offloads (held, so no address
+    is reused while counting): {(device, address): storage}, and how many tensors were offloaded."""
+    from efft.offload.activations import _Kept
+
+    seen, n = {}, [0]
+    pack = h._pack
+
+    def counting(t):
+        obj = pack(t)
+        if not isinstance(obj, _Kept):
+            st = t.untyped_storage()
+            seen[(t.device.type, t.device.index, st.data_ptr())] = st
+            n[0] += 1
+        return obj
+
+    h._pack = counting
+    return seen, n
+
+
+def test_one_host_copy_per_storage():
+    """Views saved from one storage (q/k/v's inputs from one norm output, o_proj's from the attention
+    output) share one host copy: bytes offloaded == bytes of the distinct storages, still bitwise."""
+    ref = model(layers=LAYERS)
+    ref(**batches(0)[0]).loss.backward()
+    m = model(layers=LAYERS)
+    h = enable_activation_offload(m, cfg(), trace=True)
+    seen, n = _distinct_storages(h)
+    m(**batches(0)[0]).loss.backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ref.parameters(), m.parameters()))
+    distinct = sum(st.nbytes() for st in seen.values())
+    assert h.stats["offloaded_bytes"] == distinct > 0
+    assert h.stats["offloaded"] == len(seen) == h.stats["prefetched"] and h.stats["fetched"] == 0
+    assert h.stats["shared"] == n[0] - len(seen) > 0  # views that used to be copied once more each
+    assert h.mover.bytes_to_host == h.mover.bytes_to_device == distinct
+    assert h.pool.in_use_bytes == 0
+
+
+class _Views(torch.nn.Module):
+    """A layer that saves views of one storage in awkward ways: a part before the whole (two
+    copies, neither larger than needed), parts of a whole already copied (shared), the same storage
+    written in place between two saves (a new copy), and a new storage at a dead one's address."""
+
+    def __init__(self, d, shape):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+        self.shape = shape
+        self.mem = bytearray(4 * d * shape[0] * shape[1])  # outside torch: one address, many storages
+        self.reuse = True
+
+    def forward(self, h):
+        y = self.lin(h)  # (B, T, d)
+        out = y[1].sin().sum() + y.cos().sum()  # part first (own copy), then the whole (new copy)
+        out = out + y[0].sin().sum() + y[:, 2:].transpose(0, 1)[:, 1].sin().sum()  # parts of the whole: shared
+        out = out + self.lin(h).sum()  # the layer input saved again (a new view of its storage): shared
+        z = self.lin(h) * 1.5
+        unused = z.sin()  # saves z at version 0; never needed in backward
+        z.mul_(2)
+        out = out + z.cos().sum() + unused.detach().sum()  # z at version 1: must not reuse the version-0 copy
+        for i in range(2):  # a storage dies and a new one (other data, same address) is saved
+            if self.reuse:
+                torch.frombuffer(self.mem, dtype=torch.float32).fill_(i + 0.5)
+                a = torch.frombuffer(self.mem, dtype=torch.float32).view(self.shape)
+            else:  # the reference: fresh memory (saved by reference, the first values would be overwritten)
+                a = torch.full(self.shape, i + 0.5)
+            out = out + (h * a).sum()
+            del a
+        return h + out / 100
+
+
+class _ViewStack(torch.nn.Module):
+    def __init__(self, shape, n=3):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Views(shape[-1], shape) for _ in range(n))
+
+    def forward(self, h):
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def test_views_parts_versions_and_reused_addresses():
+    B, T, d, f = 2, 5, 8, 4
+    x = torch.randn(B, T, d)
+    grads, handle = [], None
+    for offload in (False, True):
+        torch.manual_seed(1)
+        net = _ViewStack((B, T, d))
+        if offload:
+            handle = enable_activation_offload(net, cfg(), trace=True)
+        for layer in net.layers if not offload else net.layers[-1:]:  # the last layer's are saved by reference
+            layer.reuse = False
+        xg = x.clone().requires_grad_()
+        net(xg).square().sum().backward()
+        grads.append([p.grad for p in net.parameters()] + [xg.grad])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    h = handle
+    # Copied per layer: the input, y[1], y, z before and after mul_, the two storages at one address;
+    # shared: y[0], the strided slice of y, the input saved by the second and third lin calls.
+    sizes = [e[2] for e in h.trace if e[0] == "offload" and e[1] == 0]
+    assert sizes == [B * T * d * f, T * d * f, B * T * d * f] + [B * T * d * f] * 4
+    assert [e[2] for e in h.trace if e[0] == "share" and e[1] == 0] == [T * d * f, 3 * d * f] + [B * T * d * f] * 2
+    assert Counter(e[0] for e in h.trace if e[1] == 1) == Counter(e[0] for e in h.trace if e[1] == 0)
+    # Each copy came back once, except z's version-0 copy (its only user was dropped in forward),
+    # whose host buffer went back to the pool with it.
+    assert h.stats["offloaded"] == h.stats["prefetched"] + h.stats["fetched"] + 2
+    assert h.pool.in_use_bytes == 0
+
+
+def test_inplace_after_save_uses_the_saved_values():
+    """A saved tensor written in place before backward: plain autograd refuses (version counter);
+    under offload (as before storage dedupe) backward gets the values as they were when saved,
+    i.e. the gradients of the same code written out of place."""
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.inplace = True
+
+        def forward(self, h):
+            y = self.lin(h)
+            s = y.sin()
+            y = y.mul_(2) if self.inplace else y * 2
+            return h + s + y.cos()
+
+    class S(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Layer() for _ in range(3))
+
+        def forward(self, h):
+            for layer in self.layers:
+                h = layer(h)
+            return h
+
+    x = torch.randn(3, 4)
+    torch.manual_seed(0)
+    plain = S()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        plain(x).sum().backward()
+    grads = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        net = S()
+        for layer in net.layers:
+            layer.inplace = offload and layer is not net.layers[-1]  # the last layer is not offloaded
+        h = enable_activation_offload(net, cfg()) if offload else None
+        net(x).sum().backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert h.stats["offloaded"] > 0
