@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("estimate", help="predict peak memory (no weights loaded)", description="Build the model on the meta device and predict peak memory by category; say whether it fits.")
     e.add_argument("recipe")
     e.add_argument("overrides", nargs="*")
-    e.add_argument("--gpu-memory", default=None, help="memory to fit in, e.g. 24GB, 80GiB")
+    e.add_argument("--gpu-memory", default=None, help="memory to fit in, e.g. 24GB, 80GiB (default: the recipe's target_gpu_memory)")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     ls = sub.add_parser("ls", help="list the recipes shipped in recipes/", description="List the shipped recipes with their descriptions.")
@@ -99,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             names = ", ".join(p.stem for p in config.list_recipes())
             return _bad(f"no recipe named {args.name!r} (available: {names})")
         dest = Path(args.dest)
+        if args.dest.endswith(("/", os.sep)):
+            dest.mkdir(parents=True, exist_ok=True)
         if dest.is_dir():
             dest = dest / src.name
+        if not dest.parent.is_dir():
+            return _bad(f"folder {dest.parent} does not exist")
         if dest.exists():
             return _bad(f"{dest} exists; not overwriting")
         shutil.copyfile(src, dest)
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         from efft.memory import estimate as est
 
         try:
-            gpu = est.parse_size(args.gpu_memory) if args.gpu_memory else None
+            limit = args.gpu_memory or recipe.target_gpu_memory
+            gpu = est.parse_size(limit) if limit else None
             result = est.estimate(recipe, gpu_memory=gpu)
         except ValueError as err:
             return _bad(err)

@@ -126,6 +126,22 @@ def save_final(trainer, tokenizer, out_dir, recipe: Recipe):
     return out_dir
 
 
+def close_optimizer(optimizer) -> None:
+    """Take an efft optimizer's backward hooks off and stop its worker threads (None: nothing)."""
+    for name in ("remove_hooks", "close"):
+        fn = getattr(optimizer, name, None)
+        if callable(fn):
+            fn()
+
+
+def release_model(model: nn.Module) -> None:
+    """Remove the activation-offload hooks prepare_model installed, if any."""
+    handle = getattr(model, "_efft_activation_offload", None)
+    if handle is not None:
+        handle.remove()
+        del model._efft_activation_offload
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) numbers of elements in the model's parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -7,11 +7,31 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 floats: ``1e-5`` is a number (YAML 1.1, PyYAML's default, reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class RecipeError(ValueError):
@@ -127,6 +147,18 @@ class TrainConfig(Section):
     dataloader_num_workers: int = Field(0, ge=0)
     use_cpu: bool = False
     report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_reporter(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("logging_steps", "save_steps", "eval_steps")
+    @classmethod
+    def _steps(cls, v):
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError(f"a number of steps when above 1 (a ratio of the total when below 1), got {v}")
+        return v
 
     @model_validator(mode="after")
     def _precision(self):
@@ -276,6 +308,15 @@ class Recipe(Section):
     description: str = ""
     target_gpu_memory: Optional[str] = Field(None, description="What the recipe is meant to fit, e.g. '24GB'.")
 
+    @field_validator("target_gpu_memory")
+    @classmethod
+    def _size(cls, v):
+        if v is not None:
+            from efft.memory.estimate import parse_size
+
+            parse_size(v)  # raises with the accepted forms
+        return v
+
 
 def _combination_problems(r: Recipe) -> list[tuple[str, str]]:
     """Cross-section rules: things each section allows alone but not together."""
@@ -296,6 +337,10 @@ def _combination_problems(r: Recipe) -> list[tuple[str, str]]:
         p.append(("optim.layerwise", "layer-wise updates are available for adamw, galore, apollo, apollo_mini, frugal"))
     if r.train.fp16 and r.quant.compute_dtype == "bfloat16" and r.quant.type != "none":
         p.append(("train.fp16", "fp16 training with a bfloat16 quant.compute_dtype: set quant.compute_dtype: float16"))
+    if r.train.eval_steps and r.data.eval_fraction == 0:
+        p.append(("train.eval_steps", "evaluation needs held-out data: set data.eval_fraction (e.g. 0.05)"))
+    if r.data.eval_fraction > 0 and not r.train.eval_steps:
+        p.append(("data.eval_fraction", "examples are held out but never evaluated: set train.eval_steps"))
     return p
 
 
@@ -309,7 +354,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise RecipeError([(item, "empty key in override")])
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
+        value = yaml_load(raw) if raw.strip() != "" else None
     except yaml.YAMLError as e:
         raise RecipeError([(key, f"cannot parse value {raw!r}: {e}")]) from None
     return key.split("."), value
@@ -411,6 +456,8 @@ def _check_files(data: dict, base: Path | None, weights: bool = True) -> list[tu
             found = resolve_path(val, base)
             if found is None:
                 problems.append((dotted, f"file or directory not found: {val!r}"))
+            elif dotted == "model.path" and not (found / "config.json").is_file():
+                problems.append((dotted, f"not a model directory (no config.json): {val!r}"))
             else:
                 data[sec][key] = str(found)
     return problems
@@ -428,14 +475,15 @@ def resolve_path(val: str, base: Path | None) -> Path | None:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def validate(data: Any, source: str | None = None, base: Path | None = None, weights: bool = True) -> Recipe:
+def validate(data: Any, source: str | None = None, base: Path | None = None, weights: bool = True,
+             files: bool = True) -> Recipe:
     """Validate a recipe dict; raise RecipeError listing every problem.
 
     ``weights=False`` is for planning (``efft estimate``): the model's weights need not exist yet."""
     if not isinstance(data, dict):
         raise RecipeError([("(recipe)", f"a recipe is a mapping of sections, got {type(data).__name__}")], source)
     data = _deepcopy(data)
-    problems = _check_files(data, base, weights)
+    problems = _check_files(data, base, weights) if files else []
     recipe = None
     try:
         recipe = Recipe.model_validate(data)
@@ -452,13 +500,13 @@ def validate(data: Any, source: str | None = None, base: Path | None = None, wei
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, weights: bool = True) -> Recipe:
     """Read a YAML recipe, apply ``key=value`` overrides, validate everything at once."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         found = find_recipe(str(path))
         if found is None:
             raise RecipeError([("(recipe)", f"recipe not found: {str(path)!r} (see `efft ls`)")])
         p = found
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError([("(recipe)", f"not valid YAML: {e}")], str(p)) from None
     if not isinstance(data, dict):

@@ -19,8 +19,17 @@ from efft.integrations.transformers import EfftPlugin, last_checkpoint
 
 def _resume_target(recipe: Recipe) -> str | None:
     r = recipe.train.resume_from_checkpoint
+    out = Path(recipe.train.output_dir)
     if r is True:
-        return last_checkpoint(recipe.train.output_dir)
+        found = last_checkpoint(out)
+        if found is None:
+            print(f"efft: no complete checkpoint in {out}; starting from step 0")
+        return found
+    if not r and out.is_dir() and any(d.name.startswith("checkpoint-") for d in out.iterdir()):
+        from efft.config import RecipeError
+
+        raise RecipeError([("train.output_dir", f"{str(out)!r} holds checkpoints of an earlier run: set "
+                                                "train.resume_from_checkpoint=true to continue it, or choose another output_dir")])
     if isinstance(r, str) and r:
         if not (Path(r) / "trainer_state.json").is_file():
             from efft.config import RecipeError
@@ -81,7 +90,12 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
             raise RecipeError([("data.packing", problem)])
     plugin = EfftPlugin(recipe)
     model = plugin.prepare_model(model)
-    train_ds, eval_ds = load_dataset_from_config(recipe.data, tokenizer, seed=t.seed)
+    try:
+        train_ds, eval_ds = load_dataset_from_config(recipe.data, tokenizer, seed=t.seed)
+    except (ValueError, KeyError) as e:  # fields, formats, sizes of the user's data
+        from efft.config import RecipeError
+
+        raise RecipeError([("data", str(e))]) from None
     args = plugin.training_arguments()
     trainer = Trainer(
         model=model,
@@ -90,11 +104,17 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
         eval_dataset=eval_ds,
         data_collator=make_collator(tokenizer, recipe.data),
         processing_class=tokenizer,
-        **plugin.trainer_kwargs(model),
+        **plugin.trainer_kwargs(model, args),
     )
     if trainer_hook is not None:
         trainer_hook(trainer)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:  # hooks and worker threads must not outlive the run (a notebook keeps the model)
+        from efft.compose import close_optimizer, release_model
+
+        close_optimizer(plugin.optimizer)
+        release_model(model)
     from efft.compose import save_final, trainable_parameters
 
     final_dir = save_final(trainer, tokenizer, out_dir / "final", recipe)

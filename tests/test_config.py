@@ -179,3 +179,43 @@ def test_plugin_refusals_come_with_validation(tmp_path, data_file, capsys):
     assert main(["validate", str(write(tmp_path, d))]) == 2
     err = capsys.readouterr().err
     assert "offload.optimizer" in err and "offload.activation_mode" in err
+
+
+def test_yaml_12_floats_in_overrides_and_files(tmp_path, data_file):
+    d = base(data_file)
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(d) + "\ntarget_gpu_memory: 4GB\n")
+    r = config.load_recipe(p, ["model.config.rms_norm_eps=1e-5", "train.adam_epsilon=1e-6"])
+    assert r.model.config["rms_norm_eps"] == 1e-5 and isinstance(r.model.config["rms_norm_eps"], float)
+    assert r.train.adam_epsilon == 1e-6
+
+
+def test_problems_that_used_to_surface_after_loading(tmp_path, data_file):
+    d = base(data_file)
+    (tmp_path / "notmodel").mkdir()
+    d["model"] = {"path": str(tmp_path / "notmodel")}
+    d["train"].update(logging_steps=2.5, eval_steps=10)
+    d["target_gpu_memory"] = "lots"
+    p = problems(d)
+    assert "no config.json" in p["model.path"]
+    assert "above 1" in p["train.logging_steps"]
+    assert "24GB" in p["target_gpu_memory"]
+    d = base(data_file)
+    d["train"]["eval_steps"] = 10
+    assert "eval_fraction" in problems(d)["train.eval_steps"]
+    d = base(data_file)
+    d["data"]["eval_fraction"] = 0.1
+    assert "never evaluated" in problems(d)["data.eval_fraction"]
+
+
+def test_a_recipe_name_beats_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-smoke").mkdir()  # e.g. an output_dir named like the recipe
+    assert config.load_recipe("tiny-smoke").model.config["model_type"] == "llama"
+
+
+def test_cp_into_a_missing_folder_or_a_new_one(tmp_path, capsys):
+    assert main(["cp", "tiny-smoke", str(tmp_path / "missing" / "x.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["cp", "tiny-smoke", str(tmp_path / "new") + "/"]) == 0
+    assert (tmp_path / "new" / "tiny-smoke.yaml").is_file()

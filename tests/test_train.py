@@ -125,3 +125,9 @@ def test_a_recipe_that_cannot_fit_is_refused_before_loading(data_path, tmp_path,
     (path, msg), = e.value.problems
     assert path == "target_gpu_memory" and "does not fit" in msg and "overrides:" in msg
     assert not (tmp_path / "x").exists()
+
+
+def test_an_earlier_runs_checkpoints_are_not_overwritten(data_path, tmp_path):
+    (tmp_path / "out" / "checkpoint-6").mkdir(parents=True)
+    with pytest.raises(config.RecipeError, match="earlier run"):
+        train(recipe(data_path, tmp_path / "out"))

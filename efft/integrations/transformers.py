@@ -1,8 +1,8 @@
 """efft inside existing transformers code: a plugin and a callback, no Trainer subclass.
 
-    plugin = EfftPlugin("recipes/apollo-mini.yaml")
+    plugin = EfftPlugin("recipes/smollm2-apollo-mini.yaml")
     model = plugin.prepare_model(model)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, **plugin.trainer_kwargs(model))
+    trainer = Trainer(model=model, args=args, train_dataset=ds, **plugin.trainer_kwargs(model, args))
     trainer.train(resume_from_checkpoint=plugin.last_checkpoint(args.output_dir))
 
 ``efft train`` runs exactly this code, so the CLI and the plugin give the same numbers.
@@ -120,15 +120,20 @@ class EfftPlugin:
 
         if isinstance(recipe, config.Recipe):
             self.recipe = recipe
+            if overrides:
+                self.recipe = config.validate(config.apply_overrides(config.recipe_to_dict(recipe), overrides), source="(recipe)")
         elif isinstance(recipe, dict):
+            # model/data may be left out (the caller has them): inert stand-ins, not checked on disk
+            files = "data" in recipe and "model" in recipe
             data = config.apply_overrides(_with_placeholders(recipe), overrides or [])
-            self.recipe = config.validate(data, source="(dict)")
+            self.recipe = config.validate(data, source="(dict)", files=files)
         else:
             self.recipe = config.load_recipe(recipe, overrides)
         from efft.compose import check_recipe
 
         check_recipe(self.recipe)
         self.callback: EfftCallback | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
 
     def prepare_model(self, model):
         from efft.compose import prepare_model
@@ -137,22 +142,28 @@ class EfftPlugin:
 
     def create_optimizer(self, model, args: TrainingArguments | None = None) -> torch.optim.Optimizer:
         """The recipe's optimizer; lr, weight decay, betas, eps, clipping and accumulation are read
-        from ``args`` when given (else from the recipe's ``train`` section)."""
-        from efft.compose import build_optimizer
+        from ``args`` when given (else from the recipe's ``train`` section). An optimizer this plugin
+        built before is closed first, so its backward hooks cannot keep training the model."""
+        from efft.compose import build_optimizer, close_optimizer
 
-        return build_optimizer(model, self.recipe, args)
+        close_optimizer(self.optimizer)
+        self.optimizer = build_optimizer(model, self.recipe, args)
+        return self.optimizer
 
     def training_arguments(self, **overrides) -> TrainingArguments:
         """TrainingArguments from the recipe's ``train`` section (keyword overrides win)."""
         return training_arguments(self.recipe, **overrides)
 
-    def trainer_kwargs(self, model, args: TrainingArguments | None = None) -> dict:
+    def trainer_kwargs(self, model, args: TrainingArguments) -> dict:
         """``optimizers`` and ``callbacks`` for ``Trainer(...)``; the scheduler is left to Trainer.
 
-        Pass the ``TrainingArguments`` you give Trainer: the optimizer takes its hyper-parameters
-        from them, and settings that contradict the recipe are refused here, all at once."""
-        if args is not None:
-            check_training_arguments(self.recipe, args)
+        ``args`` are the ``TrainingArguments`` you give Trainer: the optimizer takes its
+        hyper-parameters from them, and settings that contradict the recipe are refused here, all
+        at once."""
+        if not isinstance(args, TrainingArguments):
+            raise TypeError("trainer_kwargs(model, args): pass the TrainingArguments you give Trainer "
+                            f"(the optimizer's lr, betas, clipping come from them), got {type(args).__name__}")
+        check_training_arguments(self.recipe, args)
         tracker = None
         if self.recipe.offload.optimizer or self.recipe.offload.activations:
             from efft.memory.tracker import MemoryTracker
@@ -193,7 +204,8 @@ def check_training_arguments(recipe, args: TrainingArguments) -> None:
         problems.append(("optim.name", f"{recipe.optim.name} projects whole 2-D gradients; FSDP shards them. Use DDP"))
     explicit = recipe.train.model_fields_set
     for name in sorted(explicit):
-        if hasattr(args, name) and name not in ("output_dir", "report_to", "resume_from_checkpoint", "use_cpu"):
+        if hasattr(args, name) and name not in ("output_dir", "report_to", "resume_from_checkpoint", "use_cpu",
+                                                "gradient_checkpointing"):  # renamed activation_checkpointing
             mine, theirs = getattr(recipe.train, name), getattr(args, name)
             theirs = getattr(theirs, "value", theirs)  # enums such as SchedulerType
             if mine != theirs:

@@ -81,8 +81,8 @@ def parse_size(s: Any) -> int:
     if not isinstance(s, str):
         raise ValueError(f"a memory size is a number of bytes or a string like '24GB', got {type(s).__name__}")
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", s)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read memory size {s!r}: use a number with an optional unit, e.g. 24GB, 24GiB, 80G, 512MiB")
+    if not m or not m.group(2) or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read memory size {s!r}: use a number with a unit, e.g. 24GB, 24GiB, 80G, 512MiB")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if not value > 0:
         raise ValueError(f"memory size must be positive, got {s!r}")

@@ -75,3 +75,30 @@ def test_conflicting_training_arguments_are_listed(setup, tmp_path):
     paths = dict(e.value.problems)
     assert "optim" in paths and "adafactor" in paths["optim"]
     assert "train.learning_rate" in paths and "0.0005" in paths["train.learning_rate"]
+
+
+def test_rebuilding_the_optimizer_detaches_the_old_one():
+    """Re-running a notebook cell builds a second layer-wise optimizer: the first must stop training."""
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", learning_rate=1e-2, max_grad_norm=0.0)
+    plugin = EfftPlugin({"optim": {"name": "adamw", "layerwise": True}})
+    first = plugin.trainer_kwargs(m, TrainingArguments(output_dir="unused", use_cpu=True, report_to="none",
+                                                       learning_rate=1e-6, max_grad_norm=0.0))["optimizers"][0]
+    second = plugin.trainer_kwargs(m, args)["optimizers"][0]
+    assert first is not second
+    w0 = m[0].weight.detach().clone()
+    m(torch.ones(2, 4)).sum().backward()
+    second.step()
+    # lr 1e-2 (the second optimizer), not 1e-6 (the first): AdamW's first step moves each weight by ~lr
+    assert (m[0].weight - w0).abs().max().item() == pytest.approx(1e-2, rel=0.01)
+
+
+def test_recipe_object_with_overrides_and_dict_without_data():
+    recipe = config.load_recipe("tiny-smoke")
+    assert EfftPlugin(recipe, ["adapter.type=lora"]).recipe.adapter.type == "lora"
+    assert EfftPlugin({"optim": {"name": "apollo_mini"}}).recipe.optim.name == "apollo_mini"
+
+
+def test_trainer_kwargs_needs_the_training_arguments():
+    with pytest.raises(TypeError, match="args"):
+        EfftPlugin({"optim": {"name": "adamw"}}).trainer_kwargs(torch.nn.Linear(2, 2))

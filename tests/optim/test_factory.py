@@ -109,10 +109,13 @@ def test_selectable_through_trainer_plugin(name):
     """A recipe's optim section reaches Trainer: optimizer and its callbacks (lead's plugin)."""
     integ = pytest.importorskip("efft.integrations.transformers")
     m = model()
-    plain = integ.EfftPlugin({"optim": {"name": name, "rank": 4}}).trainer_kwargs(m)["optimizers"][0]
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", gradient_accumulation_steps=2,
+                             max_grad_norm=0.5)
+    plain = integ.EfftPlugin({"optim": {"name": name, "rank": 4}}).trainer_kwargs(m, args)["optimizers"][0]
     assert isinstance(plain, (GaLoreAdamW, APOLLOAdamW, FRUGAL))
-    kw = integ.EfftPlugin({"optim": {"name": name, "rank": 4, "layerwise": True},
-                           "train": {"gradient_accumulation_steps": 2, "max_grad_norm": 0.5}}).trainer_kwargs(m)
+    kw = integ.EfftPlugin({"optim": {"name": name, "rank": 4, "layerwise": True}}).trainer_kwargs(m, args)
     opt = kw["optimizers"][0]
     assert isinstance(opt, LayerwiseOptimizer) and (opt.gradient_accumulation_steps, opt.max_grad_norm) == (2, 0.5)
     assert any(type(c).__name__ == "LayerwiseCallback" for c in kw["callbacks"])
