@@ -115,6 +115,7 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
 
         close_optimizer(plugin.optimizer)
         release_model(model)
+        plugin.callback.stop_measuring()
     from efft.compose import save_final, trainable_parameters
 
     final_dir = save_final(trainer, tokenizer, out_dir / "final", recipe)

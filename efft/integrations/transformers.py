@@ -54,9 +54,7 @@ class EfftCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         if self._measuring == "on":
-            self.tracker.end_saved_tensors()
-            self.tracker.unwatch_gradients()
-            self._measuring = "done"
+            self.stop_measuring()
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs is None or self.t0 is None or "loss" not in logs:
@@ -82,6 +80,14 @@ class EfftCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if self.t0 is not None:
             self.train_seconds = time.perf_counter() - self.t0
+        self.stop_measuring()
+
+    def stop_measuring(self) -> None:
+        """Take the first-step measuring hooks off (also when no step ran, or the step failed)."""
+        if self._measuring == "on":
+            self.tracker.end_saved_tensors()
+        self.tracker.unwatch_gradients()
+        self._measuring = "done"
 
     def memory_report(self) -> dict:
         return self.tracker.report(self.model, self.optimizer)
