@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from efft.quant import QuantLinear, load_quantized, quantize_from_checkpoint, quantize_model
+from efft.memory.tracker import reset_peak_rss
 from efft.quant.convert import is_skipped
 from tests.tiny import tiny_batch, tiny_model
 
@@ -131,16 +132,9 @@ _PEAK = textwrap.dedent("""
 """)
 
 
-def _clear_refs_works():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(),
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not reset_peak_rss(),
                     reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 def test_build_from_checkpoint_peak_host_memory_below_full_model(tmp_path):
     model = tiny_model("llama", hidden=384, layers=6, heads=6, vocab_size=512)
