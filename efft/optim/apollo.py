@@ -1,11 +1,13 @@
 """APOLLO (Zhu et al. 2024): Adam moments on a random projection of the gradient, used only to
 learn a per-channel (or, for APOLLO-Mini, per-tensor) scale of the *full-rank* gradient.
 
-The Gaussian projection N(0, 1/r) is regenerated from an integer seed at every step (apollo-torch
-keeps it in the state; here nothing but the moments is stored, and every DDP rank regenerates the
-same matrix). Seeds follow apollo-torch (parameter position, advanced at each refresh), so results
-match it. The scaled gradient is multiplied by sqrt(scale) and its norm growth between steps is
-capped at ``norm_growth_limit`` (Fira's limiter). The scale, the limiter, sqrt(scale) and the
+The Gaussian projection N(0, 1/r) is generated from an integer seed at each refresh and kept
+outside the optimizer state until the next one (``cache_projection=False``: regenerated at every
+step, no memory); state_dict holds only the seed (apollo-torch stores the matrix), every DDP rank
+generates the same matrix, and a resumed run regenerates it from the loaded seed. Seeds follow
+apollo-torch (parameter position, advanced at each refresh), so results match it. The scaled
+gradient is multiplied by sqrt(scale) and its norm growth between steps is capped at
+``norm_growth_limit`` (Fira's limiter). The scale, the limiter, sqrt(scale) and the
 learning rate are folded into one vector so the full-size update is a single ``addcmul_``.
 """
 from __future__ import annotations
@@ -19,6 +21,22 @@ from .projectors import choose_side, gaussian_basis, mix_seed, next_seed, projec
 
 SCALE_TYPES = ("channel", "tensor")
 PROJS = ("random", "svd")
+_ROW_BLOCK = 256  # rows per slice for column sums of squares: the temporary stays in cache
+
+
+def channel_sq_norms(grad: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of squares of ``grad`` (m x n) over ``dim``, kept as a column (dim=1) or row (dim=0), in
+    fp32, without a full-size temporary (``grad.square()`` allocated and wrote an m x n tensor each
+    step: on CPU an mmap and page faults for every matrix). Rows: ``vector_norm`` over the
+    contiguous dim, squared. Columns: ``vector_norm`` over a strided dim is several times slower on
+    CPU, so slices of ``_ROW_BLOCK`` rows are squared and summed into one accumulator."""
+    if dim == 1 or grad.device.type != "cpu":
+        return torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=torch.float32).square_()
+    acc = None
+    for i in range(0, grad.shape[0], _ROW_BLOCK):
+        part = grad[i:i + _ROW_BLOCK].square().sum(dim=0, keepdim=True, dtype=torch.float32)
+        acc = part if acc is None else acc.add_(part)
+    return acc
 
 
 class APOLLOAdamW(ProjectedOptimizer):
@@ -29,7 +47,13 @@ class APOLLOAdamW(ProjectedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
                  norm_growth_limit: float | None = 1.01, scale_front: bool = False, seed: int = 0,
-                 stagger_refresh: bool = False, state_bits: int = 32):
+                 stagger_refresh: bool = False, state_bits: int = 32, cache_projection: bool = True):
+        #: Keep each parameter's Gaussian projection between refreshes (outside ``self.state``:
+        #: state_dict carries only the seed; a resumed run regenerates the same matrix from it, so
+        #: resume stays bitwise). Costs rank x n (or m x rank) per matrix in the gradient's dtype;
+        #: False regenerates it at every step instead (no memory, one randn per matrix per step).
+        self.cache_projection = bool(cache_projection)
+        self._proj_cache: dict[torch.Tensor, tuple] = {}
         if norm_growth_limit is not None and not norm_growth_limit > 1.0:
             raise ValueError(f"norm_growth_limit must be > 1 or None, got {norm_growth_limit!r}")
         self.norm_growth_limit = norm_growth_limit
@@ -57,7 +81,18 @@ class APOLLOAdamW(ProjectedOptimizer):
             return state["basis"]
         if due:
             state["proj_seed"] = next_seed(state["proj_seed"]) if has else self.seed + self._index[p]
-        return gaussian_basis(tuple(p.shape), rank, side, state["proj_seed"], p.device, grad.dtype)
+        key = (state["proj_seed"], rank, side, grad.dtype, p.device)
+        cached = self._proj_cache.get(p)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        basis = gaussian_basis(tuple(p.shape), rank, side, state["proj_seed"], p.device, grad.dtype)
+        if self.cache_projection:
+            self._proj_cache[p] = (key, basis)
+        return basis
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._proj_cache.clear()  # regenerated from the loaded seeds on the next step
 
     def _update_lowrank(self, p, grad, group, state, clip):
         side = choose_side(tuple(p.shape), group["proj_type"])
@@ -80,7 +115,7 @@ class APOLLOAdamW(ProjectedOptimizer):
         d_sq = direction.square().sum(dim=dim, keepdim=True)
         if group["scale_type"] == "channel":
             factor = d_sq.sqrt() / (r_sq.sqrt() + 1e-8)
-            full_norm = (grad.square().sum(dim=dim, keepdim=True, dtype=torch.float32) * factor.square()).sum().sqrt()
+            full_norm = (channel_sq_norms(grad, dim) * factor.square()).sum().sqrt()
         else:
             factor = d_sq.sum().sqrt() / (r_sq.sum().sqrt() + 1e-8)
             full_norm = torch.linalg.vector_norm(grad, dtype=torch.float32) * factor
