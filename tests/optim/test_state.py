@@ -85,6 +85,7 @@ def _optimizers():
     return {
         "galore_rsvd_stagger": lambda g: GaLoreAdamW(g(rank=4, update_proj_gap=4), projector="rsvd", stagger_refresh=True, weight_decay=0.01),
         "apollo": lambda g: APOLLOAdamW(g(rank=4, update_proj_gap=4), weight_decay=0.01),
+        "apollo_cached": lambda g: APOLLOAdamW(g(rank=4, update_proj_gap=4), weight_decay=0.01, cache_projection=True),
         "apollo_mini": lambda g: APOLLOAdamW(g(rank=1, scale_type="tensor", scale=128.0, update_proj_gap=4), lr=1e-3),
         "frugal": lambda g: FRUGAL(g(rank=4, update_proj_gap=4, density=0.25), stagger_refresh=True, weight_decay=0.01),
     }
@@ -138,3 +139,14 @@ def test_groups_after_load_state_dict_still_drive_updates():
     before = [p.detach().clone() for p in m.parameters()]
     train(m, opt, 1, start=1)
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_cached_projection_changes_nothing_but_speed():
+    a, b = model(), model()
+    opt_a = APOLLOAdamW(groups(a, rank=4, update_proj_gap=4), weight_decay=0.01)
+    opt_b = APOLLOAdamW(groups(b, rank=4, update_proj_gap=4), weight_decay=0.01, cache_projection=True)
+    train(a, opt_a, 10)  # spans two refreshes
+    train(b, opt_b, 10)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+    assert state_bytes(opt_a) == state_bytes(opt_b)  # the cache is not optimizer state
