@@ -1,7 +1,7 @@
 """Benchmark efft.sparsity: activation memory and step time vs dense, per method and combined.
 
 Memory: on CPU, the bytes autograd keeps for backward during one training forward (counted with
-saved_tensors_hooks, parameters excluded: efft.sparsity.SavedTensorBytes); on CUDA, also the peak
+saved_tensors_hooks, parameters excluded, split into decoder layers and the rest: BucketBytes below); on CUDA, also the peak
 allocated memory of the step. Time: median wall time of forward+backward over ``--reps`` steps
 after one warm-up. A random Llama-architecture model (small hidden size, real vocabulary size),
 one sequence per step whose first half is an unlabeled prompt (50% label tokens).

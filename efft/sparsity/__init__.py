@@ -21,13 +21,12 @@ from torch import nn
 from .loss_tokens import apply_loss_tokens, head_cross_entropy, remove_loss_tokens
 from .partial import apply_partial, load_partial, merge_partial, partial_modules, save_partial
 from .sampled_linear import apply_sampled_linear, sampled_modules
-from .saved_bytes import SavedTensorBytes
 from .token_elimination import apply_token_elimination
 
 __all__ = [
     "apply_sparsity", "sparsity_problems", "apply_loss_tokens", "remove_loss_tokens", "head_cross_entropy",
     "apply_token_elimination", "apply_sampled_linear", "sampled_modules", "apply_partial", "save_partial",
-    "load_partial", "merge_partial", "partial_modules", "SavedTensorBytes",
+    "load_partial", "merge_partial", "partial_modules",
 ]
 
 SECTIONS = ("loss_tokens", "token_elimination", "sampled_linear", "partial")

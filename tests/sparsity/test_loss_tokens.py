@@ -13,7 +13,7 @@ import transformers
 from torch import nn
 
 from efft.sparsity.loss_tokens import apply_loss_tokens, head_cross_entropy, remove_loss_tokens
-from efft.sparsity.saved_bytes import SavedTensorBytes
+from efft.memory.tracker import SavedTensorCounter
 from tests.tiny import tiny_batch, tiny_model
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -174,7 +174,7 @@ def test_saved_bytes_head_and_loss_ten_times_smaller():
     labels[torch.rand(1, seq) < 0.5] = -100
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
 
-    with SavedTensorBytes(params=head.parameters()) as dense_bytes:
+    with SavedTensorCounter(exclude=head.parameters()) as dense_bytes:
         logits = head(h).float()
         ref = torch.nn.functional.cross_entropy(logits.view(-1, vocab), shift.view(-1), ignore_index=-100)
     ref.backward()
@@ -184,15 +184,15 @@ def test_saved_bytes_head_and_loss_ten_times_smaller():
     head.weight.grad = None
     del logits
 
-    with SavedTensorBytes(params=head.parameters()) as sparse_bytes:
+    with SavedTensorCounter(exclude=head.parameters()) as sparse_bytes:
         rows = (shift.view(-1) != -100).nonzero().squeeze(1)
         hs = h.view(-1, hidden).index_select(0, rows)
         loss = head_cross_entropy(hs, shift.view(-1)[rows], head, torch.tensor(float(rows.numel())), chunk_size=1024)
     loss.backward()
     assert _rel(loss.detach(), ref.detach()) <= 1e-5
     assert _rel(h.grad, g_ref) <= 1e-5 and _rel(head.weight.grad, w_ref) <= 1e-5
-    ratio = dense_bytes.bytes / sparse_bytes.bytes
-    print(f"head+loss saved bytes: dense {dense_bytes.bytes} sparse {sparse_bytes.bytes} ratio {ratio:.1f}x")
+    ratio = dense_bytes.total_bytes / sparse_bytes.total_bytes
+    print(f"head+loss saved bytes: dense {dense_bytes.total_bytes} sparse {sparse_bytes.total_bytes} ratio {ratio:.1f}x")
     assert ratio >= 10
 
 

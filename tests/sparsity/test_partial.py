@@ -8,7 +8,7 @@ from torch import nn
 
 from efft.sparsity.partial import (PartialLinearFn, apply_partial, column_indices, load_partial, merge_partial,
                                    partial_modules, save_partial)
-from efft.sparsity.saved_bytes import SavedTensorBytes
+from efft.memory.tracker import SavedTensorCounter
 from tests.sparsity.task import pretrained_base, train_losses
 from tests.tiny import tiny_batch, tiny_model
 
@@ -54,12 +54,12 @@ def test_saved_input_bytes_shrink_to_the_fraction():
     lin = apply_partial(nn.Sequential(nn.Linear(256, 256)), fraction=0.1)[0]
     ref = nn.Linear(256, 256)
     x = torch.randn(4, 512, 256, requires_grad=True)
-    with SavedTensorBytes(params=ref.parameters()) as d:
+    with SavedTensorCounter(exclude=ref.parameters()) as d:
         ref(x)
-    with SavedTensorBytes(params=[lin.weight, lin.paca_weight]) as s:
+    with SavedTensorCounter(exclude=[lin.weight, lin.paca_weight]) as s:
         lin(x)
     # dense keeps the whole input; PaCA keeps 26 of 256 columns (+ the index)
-    assert s.bytes <= 0.12 * d.bytes, (s.bytes, d.bytes)
+    assert s.total_bytes <= 0.12 * d.total_bytes, (s.total_bytes, d.total_bytes)
 
 
 def test_save_load_merge_round_trip(tmp_path):

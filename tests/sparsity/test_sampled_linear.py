@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from efft.sparsity.sampled_linear import apply_sampled_linear, sample_rows, sampled_modules, uniform_rows
-from efft.sparsity.saved_bytes import SavedTensorBytes
+from efft.memory.tracker import SavedTensorCounter
 from tests.tiny import tiny_batch, tiny_model
 
 R, IN, OUT, T = 256, 32, 16, 1500
@@ -111,7 +111,7 @@ class _LinearBytes:
     LM head is left out (sampling does not apply to it; loss-token skipping handles it)."""
 
     def __init__(self, model):
-        self.counter = SavedTensorBytes(params=model.parameters())
+        self.counter = SavedTensorCounter(exclude=model.parameters())
         self.handles = []
         head = model.get_output_embeddings()
         for m in model.modules():
@@ -139,7 +139,7 @@ def test_saved_activation_bytes_of_linears_at_keep_03():
         meter = _LinearBytes(model)
         model(**batch).loss.backward()
         meter.close()
-        sizes.append(meter.counter.bytes)
+        sizes.append(meter.counter.total_bytes)
     print(f"linear saved bytes: dense {sizes[0]} sampled {sizes[1]} ratio {sizes[0] / sizes[1]:.2f}x")
     assert sizes[1] * 2.5 <= sizes[0]
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from efft.sparsity.token_elimination import apply_token_elimination, choose_tokens
-from efft.sparsity.saved_bytes import SavedTensorBytes
+from efft.memory.tracker import SavedTensorCounter
 from tests.sparsity.task import pretrained_base, train_losses
 from tests.tiny import tiny_batch, tiny_model
 
@@ -98,10 +98,10 @@ def test_saved_bytes_of_decoder_layers_shrink():
     sizes = []
     for m in (dense, model):
         m.train()
-        with SavedTensorBytes(params=m.parameters()) as meter:
+        with SavedTensorCounter(exclude=m.parameters()) as meter:
             loss = m(**batch).loss
         loss.backward()
-        sizes.append(meter.bytes)
+        sizes.append(meter.total_bytes)
     print(f"saved bytes, whole forward: dense {sizes[0]} eliminated {sizes[1]} ratio {sizes[0] / sizes[1]:.2f}x")
     assert sizes[1] < 0.65 * sizes[0]
 
