@@ -131,6 +131,7 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
         "versions": cards.package_versions(),
         "device": cards.device_description(),
         "global_step": trainer.state.global_step,
+        "steps_this_run": trainer.state.global_step - cb.start_step,
         "resumed_from": resume,
         "train_seconds": cb.train_seconds,
         "wall_seconds": time.time() - started,
@@ -158,7 +159,8 @@ def _print_summary(card: dict, cb) -> None:
     print()
     first, last = card["first_loss"], card["last_loss"]
     trend = f"; loss {first:.4f} -> {last:.4f}" if first is not None and last is not None else ""
-    print(f"efft: {card['global_step']} steps in {card['train_seconds']:.1f} s{trend}")
+    resumed = f" (resumed at step {card['global_step'] - card['steps_this_run']})" if card["resumed_from"] else ""
+    print(f"efft: {card['steps_this_run']} steps in {card['train_seconds']:.1f} s{resumed}{trend}")
     print(format_report(card["memory"]))
     for g in card["generations"]:
         print(f"\nprompt: {g['prompt']}\n  before: {g['before']}\n  after:  {g['after']}")

@@ -60,7 +60,7 @@ def test_train_writes_card_weights_and_resumes_exactly(data_path, tmp_path):
     assert last_checkpoint(part) == str(part / "checkpoint-4")
     second = train(recipe(data_path, part, resume_from_checkpoint=True))
     assert second["resumed_from"] == str(part / "checkpoint-4")
-    assert second["global_step"] == 8
+    assert second["global_step"] == 8 and second["steps_this_run"] == 4
 
     assert losses(first) == losses(full)[:4]
     assert losses(second) == losses(full)  # the resumed run's history carries steps 1-4 from the checkpoint

@@ -30,6 +30,7 @@ class EfftCallback(TrainerCallback):
 
         self.tracker = tracker or MemoryTracker()
         self.t0: float | None = None
+        self.start_step = 0
         self.tokens0 = 0
         self.train_seconds = 0.0
         self.tokens_per_second: float | None = None
@@ -44,6 +45,7 @@ class EfftCallback(TrainerCallback):
         # bytes); the hooks come off afterwards so the other steps run at full speed.
         self.tracker.watch_gradients(model)
         self._measuring = "pending"
+        self.start_step = state.global_step  # > 0 when resumed
         self.t0 = time.perf_counter()
         self.tokens0 = state.num_input_tokens_seen
 
