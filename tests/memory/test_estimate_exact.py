@@ -203,6 +203,15 @@ def test_optimizer_offload_moves_state_to_host():
     assert b.optimizer_state == 0 and b.host == a.optimizer_state + 2 * a.gradients > 0
 
 
+
+def _assert_adapter_plan_exact(e, model, grads, opt):
+    """A frozen base with trained extras (PaCA columns, PEQA scales): planned bytes == measured."""
+    w = weight_bytes(model)
+    assert e.adapters == w["trainable"]
+    assert e.weights == w["frozen"] + w["buffers"]
+    assert e.gradients == grads
+    assert e.optimizer_state == optimizer_state_bytes(opt)
+
 def test_partial_connections_exact():
     from efft.sparsity import partial_modules
 
@@ -211,12 +220,7 @@ def test_partial_connections_exact():
     assert len(partial_modules(model)) == 14
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     grads = _step(model, r, cfg, opt)
-    e = est.estimate(rd)
-    w = weight_bytes(model)
-    assert e.adapters == w["trainable"]
-    assert e.weights == w["frozen"] + w["buffers"]
-    assert e.gradients == grads
-    assert e.optimizer_state == optimizer_state_bytes(opt)
+    _assert_adapter_plan_exact(est.estimate(rd), model, grads, opt)
 
 
 @pytest.mark.parametrize("qtype", ["nf4", "int8"])
@@ -239,12 +243,7 @@ def test_peqa_exact(qtype):
     model(**batch_for(r, cfg)).loss.backward()
     grads = gradient_bytes(model)
     opt.step()
-    e = est.estimate(rd)
-    w = weight_bytes(model)
-    assert e.adapters == w["trainable"]
-    assert e.weights == w["frozen"] + w["buffers"]
-    assert e.gradients == grads
-    assert e.optimizer_state == optimizer_state_bytes(opt)
+    _assert_adapter_plan_exact(est.estimate(rd), model, grads, opt)
 
 
 @pytest.mark.parametrize("name", ["adamw", "apollo_mini"])
