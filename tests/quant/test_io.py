@@ -156,6 +156,62 @@ def test_mismatched_keys_are_named():
         QuantLinear(128, 48).load_state_dict(sd)
 
 
+def _p(sd):
+    return {"p." + k: v for k, v in sd.items()}
+
+
+def _int8_sd():
+    return QuantLinear.from_linear(_lin(), quant_type="int8").state_dict()
+
+
+@pytest.mark.parametrize("case,source,layer_type,msg", [
+    ("no quant_map", "nf4", "nf4", r"p\.weight\.quant_map: missing from the checkpoint \(expected the 16-value code book\)"),
+    ("short quant_map", "nf4", "nf4", r"p\.weight\.quant_map: expected 16 values, got 15"),
+    ("no nested_quant_map", "nf4", "nf4", r"p\.weight\.nested_quant_map: missing .*expected the 256-value dynamic map"),
+    ("float absmax, nested", "nf4", "nf4", r"p\.weight\.absmax: expected torch\.uint8 \(double quantized statistics\), got torch\.float32"),
+    ("short packed weight", "nf4", "nf4", r"p\.weight: expected 3072 bytes of packed codes for shape \[48, 128\], got torch\.uint8 \(3071, 1\)"),
+    ("bad quant_state JSON", "nf4", "nf4", r"p\.weight\.quant_state\.bitsandbytes__nf4: expected uint8 bytes of a JSON object"),
+    ("JSON without blocksize", "nf4", "nf4", r"p\.weight\.quant_state\.bitsandbytes__nf4: JSON lacks 'blocksize'"),
+    ("4-bit into int8 layer", "nf4", "int8", r"p\.weight: the layer is int8 but the checkpoint holds nf4"),
+    ("short SCB", "int8", "int8", r"p\.SCB: expected 48 row scales, got 47"),
+    ("int8 into 4-bit layer", "int8", "nf4", r"p\.weight: the layer is nf4 but the checkpoint holds int8"),
+    ("int8 weight of wrong shape", "int8", "int8", r"p\.weight: expected int8 \[48, 128\], got torch\.int8 \[48, 127\]"),
+])
+def test_more_malformed_checkpoints_are_named(case, source, layer_type, msg):
+    """Each remaining check of the loader: the key, and what was expected there."""
+    import json
+
+    sd = _p(_good() if source == "nf4" else _int8_sd())
+    qs = "p.weight.quant_state.bitsandbytes__nf4"
+    if case == "no quant_map":
+        del sd["p.weight.quant_map"]
+    elif case == "short quant_map":
+        sd["p.weight.quant_map"] = sd["p.weight.quant_map"][:15]
+    elif case == "no nested_quant_map":
+        del sd["p.weight.nested_quant_map"]
+    elif case == "float absmax, nested":
+        sd["p.weight.absmax"] = sd["p.weight.absmax"].float()
+    elif case == "short packed weight":
+        sd["p.weight"] = sd["p.weight"][:-1]
+    elif case == "bad quant_state JSON":
+        sd[qs] = torch.tensor([0xFF, 0x00], dtype=torch.uint8)
+    elif case == "JSON without blocksize":
+        meta = json.loads(bytes(sd[qs].tolist()).decode())
+        del meta["blocksize"]
+        sd[qs] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    elif case == "short SCB":
+        sd["p.SCB"] = sd["p.SCB"][:-1]
+    elif case == "int8 weight of wrong shape":
+        sd["p.weight"] = sd["p.weight"][:, :-1]
+    model = torch.nn.Module()
+    model.p = QuantLinear(128, 48, quant_type=layer_type)
+    with pytest.raises(QuantCheckpointError, match=msg):
+        load_quantized(model, sd)
+    # the untouched checkpoint loads into a layer of its own type: the refusal is about the one change
+    model.p = QuantLinear(128, 48, quant_type=source)
+    load_quantized(model, _p(_good() if source == "nf4" else _int8_sd()))
+
+
 def test_transformers_loads_efft_checkpoint_as_bitsandbytes_and_back(tmp_path):
     """save_quantized writes a directory transformers opens as a bitsandbytes 4-bit model (same
     logits); a checkpoint quantized and saved by transformers + bitsandbytes builds an efft model
