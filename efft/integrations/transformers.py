@@ -95,6 +95,36 @@ class EfftCallback(TrainerCallback):
         return self.tracker.report(self.model, self.optimizer)
 
 
+class LabelRowsCallback(TrainerCallback):
+    """Makes Trainer's training batches carry their label rows, so loss-token skipping gathers them
+    without reading their count back from the device.
+
+    Trainer builds its data loader from whatever collator the user gave; at train begin this wraps
+    that loader's collate_fn in :class:`efft.sparsity.LabelRowsCollator` (each process, each DDP rank,
+    collates and indexes its own batches). A loader that collates on one process and slices the
+    batch for the others (accelerate's ``dispatch_batches``) is left alone: the forward then finds
+    the rows itself, with one read.
+    """
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+        from efft.sparsity.label_rows import LabelRowsCollator
+
+        if train_dataloader is None or _dispatches_batches(train_dataloader):
+            return
+        loader = getattr(train_dataloader, "base_dataloader", train_dataloader)  # accelerate's adapter iterates this one
+        fn = getattr(loader, "collate_fn", None)
+        if fn is not None and not isinstance(fn, LabelRowsCollator):
+            loader.collate_fn = LabelRowsCollator(fn)
+
+
+def _dispatches_batches(loader) -> bool:
+    try:
+        from accelerate.data_loader import DataLoaderDispatcher
+    except ImportError:  # pragma: no cover - accelerate comes with transformers' Trainer
+        return False
+    return isinstance(loader, DataLoaderDispatcher)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -164,6 +194,7 @@ class EfftPlugin:
 
     def trainer_kwargs(self, model, args: TrainingArguments) -> dict:
         """``optimizers`` and ``callbacks`` for ``Trainer(...)``; the scheduler is left to Trainer.
+        With ``sparsity.loss_tokens`` on, the callbacks include :class:`LabelRowsCallback`.
 
         ``args`` are the ``TrainingArguments`` you give Trainer: the optimizer takes its
         hyper-parameters from them, and settings that contradict the recipe are refused here, all
@@ -183,6 +214,8 @@ class EfftPlugin:
         # Optimizers that update inside backward (layer-wise, offloaded) bring the callbacks that tie
         # them to Trainer's accumulation and clipping.
         extra = list(getattr(optimizer, "trainer_callbacks", lambda: [])())
+        if self.recipe.sparsity.loss_tokens.enabled:
+            extra.append(LabelRowsCallback())
         return {"optimizers": (optimizer, None), "callbacks": [self.callback, *extra]}
 
     @staticmethod

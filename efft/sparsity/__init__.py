@@ -3,7 +3,8 @@
 ``apply_sparsity(model, cfg)`` installs what the recipe's ``sparsity:`` section enables, after
 quantization and adapters (load -> quantize -> adapter -> sparsity -> optimizer):
 
-- ``loss_tokens``: LM head + cross entropy on label rows only, chunked (exact).
+- ``loss_tokens``: LM head + cross entropy on label rows only, chunked (exact); ``LabelRowsCollator``
+  makes batches carry their label rows so no forward reads them back from the device.
 - ``token_elimination``: LeMo-style per-layer token elimination (approximate).
 - ``sampled_linear``: WTA-CRS weight gradients from sampled input rows (unbiased).
 - ``partial``: PaCA, trained input columns in place of an adapter (exact for what it trains);
@@ -18,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from .label_rows import LABEL_ROWS_KEY, LabelRows, LabelRowsCollator
 from .loss_tokens import apply_loss_tokens, head_cross_entropy, remove_loss_tokens
 from .partial import apply_partial, load_partial, merge_partial, partial_modules, save_partial
 from .sampled_linear import apply_sampled_linear, sampled_modules
@@ -25,6 +27,7 @@ from .token_elimination import apply_token_elimination
 
 __all__ = [
     "apply_sparsity", "sparsity_problems", "apply_loss_tokens", "remove_loss_tokens", "head_cross_entropy",
+    "LabelRows", "LabelRowsCollator", "LABEL_ROWS_KEY",
     "apply_token_elimination", "apply_sampled_linear", "sampled_modules", "apply_partial", "save_partial",
     "load_partial", "merge_partial", "partial_modules",
 ]

@@ -11,8 +11,15 @@ cross entropy, each chunk's gradient is formed right away, so what stays for bac
 Exactness: the loss and every gradient equal the dense computation up to float summation order.
 The loss is ``sum / num_items_in_batch`` when transformers.Trainer passes ``num_items_in_batch``
 (label tokens of the whole optimizer step, all micro-batches and ranks), otherwise the mean over this
-micro-batch's label tokens, as transformers' ``ForCausalLMLoss``. Gathering the label rows costs one
-device->host read of their count (inherent to a data-dependent row count); nothing else syncs.
+micro-batch's label tokens, as transformers' ``ForCausalLMLoss``.
+
+No host sync: the label rows' positions come with the batch. ``LabelRowsCollator`` (installed on
+Trainer's training loader by ``EfftPlugin.trainer_kwargs``, so ``efft train`` has it too) computes
+them on the host from the collated labels and adds a :class:`~efft.sparsity.label_rows.LabelRows`
+under ``efft_label_rows``; the wrapped forward pops it (the model never sees it) and their count is a
+Python int, so the gathers need no device->host read. Fallback, when the batch carries no index (or
+one for another shape): the rows are found on the device, one read of their count per forward
+(``state.host_reads`` counts these forwards).
 
 In the last decoder block, positions without a label only feed later positions through the keys and
 values their attention computed; their MLP output reaches nothing the loss sees. The last block's
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 from typing import Any, Optional
 
@@ -35,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from .label_rows import IGNORE_INDEX, LABEL_ROWS_KEY, LabelRows, shift_labels as _shift_labels
+
+log = logging.getLogger(__name__)
 _HEAD_ARGS = ("labels", "num_items_in_batch", "shift_labels", "logits_to_keep", "return_dict", "ignore_index")
 _UNSUPPORTED_CONFIG = {
     "output_router_logits": "mixture-of-experts auxiliary losses are added to the loss by the model's own forward",
@@ -205,10 +215,6 @@ def _install_last_block_mlp(lm: nn.Module, holder: _LastBlockRows) -> bool:
     return True
 
 
-def _shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-
-
 class LossTokenState:
     """What :func:`apply_loss_tokens` installed on a causal LM (kept as ``lm._efft_loss_tokens``)."""
 
@@ -216,8 +222,9 @@ class LossTokenState:
         self.lm, self.chunk_size, self.scale, self.softcap = lm, chunk_size, scale, softcap
         self.last_block_skip, self.holder, self.orig_forward = last_block_skip, holder, orig_forward
         self.label_rows: Optional[torch.Tensor] = None  # (B, S) bool of the last sparse forward
+        self.host_reads = 0  # sparse forwards that had to read the label-row count from the device
 
-    def sparse_forward(self, bound: dict[str, Any]):
+    def sparse_forward(self, bound: dict[str, Any], label_rows: Optional[LabelRows] = None):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         labels = bound.pop("labels", None)
@@ -227,11 +234,18 @@ class LossTokenState:
         return_dict = bound.pop("return_dict", None)
         bound.pop("logits_to_keep", None)
         if shift is None:
-            shift = _shift_labels(labels)
-        valid = shift != ignore
-        rows = valid.reshape(-1).nonzero().squeeze(1)  # the one host read: the number of label rows
-        self.label_rows = valid
-        self.holder.set(rows if self.last_block_skip else None, valid.shape)
+            shift = _shift_labels(labels, ignore)
+        self.label_rows = shift != ignore
+        if label_rows is not None and label_rows.shape == tuple(shift.shape) and ignore == IGNORE_INDEX:
+            rows = label_rows.to(shift.device, non_blocking=True).rows  # counted on the host by the collator
+        else:  # the fallback's one host read: the number of label rows
+            if label_rows is not None:
+                log.warning("loss_tokens: the batch's %s is for shape %s (ignore_index -100), this forward has %s "
+                            "(ignore_index %s); finding the label rows on the device instead",
+                            LABEL_ROWS_KEY, label_rows.shape, tuple(shift.shape), ignore)
+            rows = LabelRows.from_shifted(shift, ignore).rows
+            self.host_reads += 1
+        self.holder.set(rows if self.last_block_skip else None, shift.shape)
         out = self.lm.base_model(**bound)
         hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
@@ -292,6 +306,10 @@ def apply_loss_tokens(model: nn.Module, chunk_size: int = 1024, verify: bool = T
 
     @functools.wraps(orig_forward)  # keeps the signature Trainer inspects (columns, loss kwargs)
     def forward(*args, **kwargs):
+        label_rows = kwargs.pop(LABEL_ROWS_KEY, None)  # never reaches the model
+        if label_rows is not None and not isinstance(label_rows, LabelRows):
+            raise TypeError(f"{LABEL_ROWS_KEY} must be an efft.sparsity.LabelRows (from LabelRowsCollator), "
+                            f"got {type(label_rows).__name__}")
         bound = sig.bind_partial(*args, **kwargs)
         arguments = dict(bound.arguments)
         extra = arguments.pop("kwargs", {}) if "kwargs" in sig.parameters else {}
@@ -300,7 +318,7 @@ def apply_loss_tokens(model: nn.Module, chunk_size: int = 1024, verify: bool = T
         if not (has_labels and lm.training and torch.is_grad_enabled()):
             holder.set(None, None)
             return orig_forward(*args, **kwargs)
-        return state.sparse_forward(arguments)
+        return state.sparse_forward(arguments, label_rows)
 
     lm.forward = forward
     try:
@@ -352,6 +370,7 @@ def _verify(lm: nn.Module, state: LossTokenState) -> None:
             got = state.sparse_forward(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels))[0]
     finally:
         state.holder.set(None, None)
+        state.host_reads = 0  # the check input carries no label rows; count training forwards only
         lm.train(was_training)
     tol = 1e-3 if p.dtype == torch.float32 else 3e-2
     if not (math.isfinite(float(ref)) and abs(float(got) - float(ref)) <= tol * max(1.0, abs(float(ref)))):

@@ -12,6 +12,8 @@ import torch
 import transformers
 from torch import nn
 
+from efft.integrations.transformers import LabelRowsCallback
+from efft.sparsity.label_rows import with_label_rows
 from efft.sparsity.loss_tokens import apply_loss_tokens, head_cross_entropy, remove_loss_tokens
 from efft.memory.tracker import SavedTensorCounter
 from tests.tiny import tiny_batch, tiny_model
@@ -47,14 +49,16 @@ def _assert_grads_equal(dense, sparse, tol):
     assert checked > 0
 
 
+@pytest.mark.parametrize("indexed", [False, True], ids=["rows-read-on-device", "rows-from-collator"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gpt2"])
-def test_loss_and_all_gradients_equal_dense(family):
+def test_loss_and_all_gradients_equal_dense(family, indexed):
     dense, sparse = _pair(family)
     state = sparse._efft_loss_tokens
     assert state.last_block_skip, "the last block's MLP should run on label rows only"
     batch = tiny_batch(seq=24, batch=2, label_fraction=0.5, seed=1)
     ref = dense(**batch)
-    out = sparse(**batch)
+    out = sparse(**(with_label_rows(batch) if indexed else batch))
+    assert state.host_reads == (0 if indexed else 1)
     assert out.logits is None  # no logits at all in training
     assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL[torch.float32]
     ref.loss.backward()
@@ -98,7 +102,7 @@ def test_num_items_in_batch_normalises_over_the_optimizer_step():
     n_items = (shifted != -100).sum()  # a tensor, as Trainer passes it
     total = 0.0
     for half in (slice(0, 2), slice(2, 4)):
-        mb = {k: v[half] for k, v in full.items()}
+        mb = with_label_rows({k: v[half] for k, v in full.items()})
         out = sparse(**mb, num_items_in_batch=n_items)
         out.loss.backward()
         total = total + out.loss.detach()
@@ -132,7 +136,8 @@ def test_peft_lora_model_gradients_equal():
     dense.train()
     sparse.train()
     batch = tiny_batch(seq=16, label_fraction=0.5, seed=5)
-    ref, out = dense(**batch), sparse(**batch)
+    ref, out = dense(**batch), sparse(**with_label_rows(batch))  # peft passes the label rows on
+    assert sparse.get_base_model()._efft_loss_tokens.host_reads == 0
     assert out.logits is None
     assert _rel(out.loss.detach(), ref.loss.detach()) <= 1e-5
     ref.loss.backward()
@@ -141,7 +146,8 @@ def test_peft_lora_model_gradients_equal():
 
 
 def test_trainer_accumulation_matches_dense(tmp_path):
-    """transformers.Trainer with gradient accumulation: same losses as the dense model, two steps."""
+    """transformers.Trainer with gradient accumulation: same losses as the dense model, two steps; with
+    LabelRowsCallback the batches carry their label rows (no forward reads them from the device)."""
     from datasets import Dataset
 
     rows = [tiny_batch(batch=1, seq=16, label_fraction=0.3 + 0.1 * i, seed=10 + i) for i in range(4)]
@@ -156,9 +162,11 @@ def test_trainer_accumulation_matches_dense(tmp_path):
             max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
             disable_tqdm=True, seed=0, data_seed=0, lr_scheduler_type="constant",
         )
-        tr = transformers.Trainer(model=model, args=args, train_dataset=ds)
+        tr = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[LabelRowsCallback()] if sparse else None)
         assert tr.model_accepts_loss_kwargs
         tr.train()
+        if sparse:
+            assert model._efft_loss_tokens.host_reads == 0
         losses.append([h["loss"] for h in tr.state.log_history if "loss" in h])
     assert len(losses[0]) == 2
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -1,0 +1,93 @@
+"""Label rows as host metadata: where a batch's loss positions are, known before it reaches the device.
+
+Loss-token skipping gathers the positions whose shifted label is not -100. Finding them on the
+device (``nonzero``) makes the host wait for the device to learn how many there are: one sync per
+forward. The data collator builds the labels on the host anyway, so :class:`LabelRowsCollator`
+computes the index there and puts a :class:`LabelRows` in the batch under :data:`LABEL_ROWS_KEY`.
+The wrapped forward pops it before the model sees the batch; its sizes are Python ints, so the
+gathers on the device need no device->host read. Each data-loader process (each DDP rank) collates
+its own batches, so each carries its own index.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LABEL_ROWS_KEY = "efft_label_rows"
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """labels[..., 1:] padded with ``ignore_index``: the target of each position, as causal LMs shift."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+class LabelRows:
+    """The loss positions of a (batch, seq) batch: ``rows``, flat indices into batch*seq (increasing)
+    of the positions whose shifted label is not ignored, and the ``shape`` (batch, seq) they index."""
+
+    __slots__ = ("rows", "shape")
+
+    def __init__(self, rows: torch.Tensor, shape: tuple[int, int]):
+        self.rows, self.shape = rows, tuple(shape)
+
+    @classmethod
+    def from_shifted(cls, shifted: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> "LabelRows":
+        """Built from shifted labels (batch, seq) where they lie; on a device this reads back the count."""
+        if shifted.dim() != 2:
+            raise ValueError(f"label rows: expected (batch, seq) labels, got shape {tuple(shifted.shape)}")
+        rows = (shifted != ignore_index).reshape(-1).nonzero().squeeze(1)
+        return cls(rows, tuple(shifted.shape))
+
+    @classmethod
+    def from_labels(cls, labels: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                    ignore_index: int = IGNORE_INDEX) -> "LabelRows":
+        return cls.from_shifted(shift if shift is not None else shift_labels(labels, ignore_index), ignore_index)
+
+    @property
+    def count(self) -> int:
+        """The number of label rows (host metadata: no device read)."""
+        return self.rows.shape[0]
+
+    def to(self, device=None, non_blocking: bool = False, **_: Any) -> "LabelRows":
+        return LabelRows(self.rows.to(device, non_blocking=non_blocking), self.shape)
+
+    def pin_memory(self, *args: Any) -> "LabelRows":
+        """DataLoader(pin_memory=True) calls this, so the copy to the device can be asynchronous."""
+        return LabelRows(self.rows.pin_memory(*args), self.shape)
+
+    def __repr__(self) -> str:
+        return f"LabelRows(count={self.count}, shape={self.shape})"
+
+
+def with_label_rows(batch: Any) -> Any:
+    """``batch`` plus its :class:`LabelRows` (a new dict) when it has host ``labels`` (ignored: -100); else unchanged."""
+    if not isinstance(batch, Mapping) or LABEL_ROWS_KEY in batch:
+        return batch
+    shifted = batch.get("shift_labels")
+    labels = batch.get("labels")
+    src = shifted if torch.is_tensor(shifted) else labels
+    if not torch.is_tensor(src) or src.dim() != 2 or src.device.type != "cpu":
+        return batch  # no host labels: the forward finds the rows itself (one read)
+    out = dict(batch)
+    out[LABEL_ROWS_KEY] = LabelRows.from_labels(labels if src is labels else None, shifted if src is shifted else None)
+    return out
+
+
+class LabelRowsCollator:
+    """A data collator wrapped so that each batch also carries its label rows (:data:`LABEL_ROWS_KEY`).
+
+    Use it with a model prepared by ``apply_loss_tokens`` (the wrapped forward removes the key);
+    ``EfftPlugin.trainer_kwargs`` installs it on Trainer's training data loader for you.
+    """
+
+    def __init__(self, collate_fn):
+        if not callable(collate_fn):
+            raise TypeError(f"LabelRowsCollator wraps a data collator (a callable), got {type(collate_fn).__name__}")
+        self.collate_fn = collate_fn
+
+    def __call__(self, features):
+        return with_label_rows(self.collate_fn(features))
