@@ -28,9 +28,9 @@ class LayerwiseCallback(OptimizerLogCallback):
     backward), so the optimizer clips and this callback logs its ``grad_norm``."""
 
     def on_train_begin(self, args, state, control, **kw):
-        if args.world_size > 1:
-            raise ValueError("layerwise: not supported with several processes (DDP all-reduces gradients after "
-                             "the hooks that consume them); use the optimizer without layer-wise mode")
+        if args.world_size != self.optimizer.world_size:
+            raise ValueError(f"layerwise: Trainer runs {args.world_size} process(es), the optimizer was built for "
+                             f"{self.optimizer.world_size}; build it after the process group exists (after TrainingArguments)")
         n = self.optimizer.gradient_accumulation_steps
         if args.gradient_accumulation_steps != n:
             raise ValueError(

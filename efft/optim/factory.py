@@ -148,5 +148,7 @@ def build_optimizer(model: nn.Module, cfg: Any, *, lr: float, weight_decay: floa
                          state_free_lr_scale=_get(cfg, "state_free_lr_scale", 0.1))
             opt = FRUGAL(groups, **shared)
     if layerwise:
-        return LayerwiseOptimizer(opt, gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm)
+        lw = LayerwiseOptimizer(opt, gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm)
+        lw.keep_out_of_ddp(model)  # several processes: DDP (or Trainer's) must not reduce what the hooks do
+        return lw
     return opt

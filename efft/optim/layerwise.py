@@ -22,7 +22,28 @@ of a spike twice in a row. ``last_grad_norm`` is that norm, for logs.
 
 The learning-rate scheduler is stepped by the caller once per optimizer step, after ``step()``;
 the hooks read each group's lr when they update, so the update of step t uses lr_t, as without
-layer-wise mode. Not for DDP: its all-reduce runs after these hooks (use the plain optimizer).
+layer-wise mode.
+
+Several processes (DDP, ``torchrun``): build the optimizer after ``init_process_group`` and call
+``keep_out_of_ddp(model)`` before wrapping the model (the factory does; Trainer and accelerate wrap
+later and honour it), so DDP's reducer never holds these gradients. The hooks average them across
+ranks themselves, on the micro-batch that completes the step only (earlier micro-batches
+accumulate locally): GaLore off its refresh steps all-reduces the r x n projection P^T G (exact:
+P is the same on every rank and the projection is linear), everything else the full gradient
+(GaLore's refresh, so every rank takes the same SVD basis; APOLLO scales the full gradient by a
+factor learnt from its projection, and FRUGAL takes the sign of the full remainder, so both need
+the averaged full gradient; their seeded projections are equal on every rank already). The
+all-reduce is asynchronous and the update waits for it in the next parameter's gradient hook (or
+at the end of backward), so communication overlaps the next gradient's computation; two full-size
+gradients are alive at most. The collectives match across ranks because every rank differentiates
+the same graph: the autograd engine runs one backward's nodes in an order fixed by the forward
+(nodes created later first), so the AccumulateGrad nodes, and these hooks, fire in the same order
+everywhere (data-dependent graphs that skip a parameter on some ranks only are not supported).
+Parameters with fewer than two dimensions (norms, biases) stay with DDP, which needs at least one
+parameter and all-reduces these tiny vectors in buckets; they are updated at the end of the
+backward that completes the step, after DDP's reduction (before Trainer's own clipping could see
+them). Norms, clip coefficients and updates are computed from the averaged gradients, so every
+rank takes identical steps, equal to one process on the global batch.
 """
 from __future__ import annotations
 
@@ -30,9 +51,19 @@ import math
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from .base import ProjectedOptimizer
+
+
+def world_size() -> int:
+    """Processes in the default group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _queue_callback(fn: Callable[[], None]) -> None:
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -45,9 +76,6 @@ class LayerwiseOptimizer(Optimizer):
             raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {gradient_accumulation_steps!r}")
         if not max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm!r}")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise ValueError("layerwise: not supported with several processes (DDP all-reduces gradients after "
-                             "the hooks that consume them); use the optimizer without layer-wise mode")
         self.inner = inner
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = float(max_grad_norm)
@@ -59,8 +87,38 @@ class LayerwiseOptimizer(Optimizer):
         self._sq_norm = 0.0
         self._calls: dict[torch.Tensor, int] = {}
         self._acc: dict[torch.Tensor, torch.Tensor] = {}
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook)
-                         for g in inner.param_groups for p in g["params"] if p.requires_grad]
+        self.world_size = world_size()
+        params = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
+        #: Parameters left to DDP under several processes (updated at the end of backward); see the
+        #: module docstring. Empty in one process: every parameter is updated in its own hook.
+        self.ddp_params = ddp_reduced(params) if self.world_size > 1 else []
+        self.layerwise_params = [p for p in params if not any(p is q for q in self.ddp_params)]
+        self._pending: tuple | None = None  # (param, gradient being all-reduced, projected?, work)
+        self._queued = False
+        self._completed_step = False  # this backward finished the step for some parameter
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.layerwise_params]
+        if self.world_size > 1:
+            self._handles += [p.register_hook(self._before_accumulate) for p in self.layerwise_params]
+            with torch.no_grad():  # DDP broadcasts rank 0's weights for the parameters it holds; these too
+                for p in self.layerwise_params:
+                    if 0 not in p.stride():  # stride-0 carriers (int8 weights) hold no values of their own
+                        dist.broadcast(p.data, src=0)
+
+    def keep_out_of_ddp(self, model: torch.nn.Module) -> list[str]:
+        """Tell DDP (``torch.nn.parallel.DistributedDataParallel``, also as Trainer/accelerate build
+        it) to leave this optimizer's layer-wise parameters alone: call before wrapping ``model``.
+        Returns the names added to the model's ignore list (none in one process)."""
+        if self.world_size == 1:
+            return []
+        mine = {id(p) for p in self.layerwise_params}
+        names = [n for n, p in model.named_parameters() if id(p) in mine]
+        if len(names) != len(mine):
+            raise ValueError(f"keep_out_of_ddp: {len(mine) - len(names)} of the optimizer's layer-wise parameters are "
+                             "not parameters of this model; pass the model the optimizer was built over")
+        old = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, old + [n for n in names if n not in old])
+        return names
 
     # ------------------------------------------------------------------------------- hooks
     @torch.no_grad()
@@ -74,24 +132,74 @@ class LayerwiseOptimizer(Optimizer):
                 self._acc[p] = r if p not in self._acc else self._acc[p].add_(r)
                 p.grad = None
             return
+        self._completed_step = True
         self._finish(p)
+
+    def _before_accumulate(self, grad: torch.Tensor) -> None:
+        """Tensor hook, before the gradient lands in ``.grad`` (several processes only): the update
+        waiting for its all-reduce runs now, before the next int8 carrier hook writes weights back."""
+        if not self._queued:
+            self._queued = True
+            _queue_callback(self._end_of_backward)  # queued before any other hook of this backward
+        self._complete_pending()
 
     def _projectable(self, p: torch.Tensor) -> bool:
         needs = getattr(self.inner, "needs_full_grad", None)
         return needs is not None and hasattr(self.inner, "project_grad") and not needs(p)
 
     def _finish(self, p: torch.Tensor) -> None:
-        """The parameter's last micro-batch: update from the accumulated gradient, free it."""
+        """The parameter's last micro-batch: update from the accumulated gradient, free it.
+        Several processes: average it across ranks first (asynchronously; see _complete_pending)."""
         acc = self._acc.pop(p, None)
+        if acc is None and self.world_size > 1 and p.grad is not None and self._projectable(p):
+            acc = self.inner.project_grad(p, p.grad)  # only the projection travels
+        elif acc is not None and p.grad is not None:
+            acc.add_(self.inner.project_grad(p, p.grad))
+        grad = acc if acc is not None else p.grad
         if acc is not None:
-            if p.grad is not None:
-                acc.add_(self.inner.project_grad(p, p.grad))
-            self._sq_norm = self._sq_norm + acc.float().square().sum().double()  # no host sync per layer
-            self.inner.apply_projected(p, acc, self._clip)
-        elif p.grad is not None:
-            self._sq_norm = self._sq_norm + p.grad.float().square().sum().double()
-            self.inner.update_param(p, p.grad, self._clip)
+            p.grad = None
+        if grad is None:
+            return
+        if self.world_size > 1:
+            if world_size() != self.world_size:
+                raise RuntimeError(f"layerwise: the optimizer was built for {self.world_size} process(es), training runs "
+                                   f"with {world_size()}; build it after torch.distributed.init_process_group")
+            grad.div_(self.world_size)
+            work = dist.all_reduce(grad, async_op=True)
+            self._complete_pending()
+            self._pending = (p, grad, acc is not None, work)
+        else:
+            self._apply(p, grad, acc is not None)
+
+    def _apply(self, p: torch.Tensor, grad: torch.Tensor, projected: bool) -> None:
+        self._sq_norm = self._sq_norm + grad.float().square().sum().double()  # no host sync per layer
+        if projected:
+            self.inner.apply_projected(p, grad, self._clip)
+        else:
+            self.inner.update_param(p, grad, self._clip)
         p.grad = None
+
+    @torch.no_grad()
+    def _complete_pending(self) -> None:
+        if self._pending is not None:
+            p, grad, projected, work = self._pending
+            self._pending = None
+            work.wait()
+            self._apply(p, grad, projected)
+
+    @torch.no_grad()
+    def _end_of_backward(self) -> None:
+        self._queued = False
+        self._complete_pending()
+        if self._completed_step and self.ddp_params:
+            _queue_callback(self._update_ddp_params)  # runs after DDP's own end-of-backward reduction
+        self._completed_step = False
+
+    @torch.no_grad()
+    def _update_ddp_params(self) -> None:
+        for p in self.ddp_params:
+            if p.grad is not None:
+                self._apply(p, p.grad, False)
 
     # -------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -101,16 +209,20 @@ class LayerwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._complete_pending()
         for p in [q for q, n in self._calls.items() if n < self.gradient_accumulation_steps]:
-            self._finish(p)  # fewer micro-batches than N (end of an epoch)
+            self._finish(p)  # fewer micro-batches than N (end of an epoch); same order on every rank
         for p in list(self._acc):
             self._finish(p)
+        self._complete_pending()
+        self._update_ddp_params()  # a short last cycle (DDP reduced them on its last micro-batch)
         norm = math.sqrt(float(self._sq_norm))  # the step's one host sync
         self.last_grad_norm = norm
         if self.max_grad_norm > 0:
             self._clip = min(1.0, self.max_grad_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
         self._sq_norm = 0.0
         self._calls.clear()
+        self._completed_step = False
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -145,6 +257,7 @@ class LayerwiseOptimizer(Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (after which backward no longer updates them)."""
+        self._complete_pending()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -154,3 +267,13 @@ class LayerwiseOptimizer(Optimizer):
         from .callbacks import LayerwiseCallback
 
         return [LayerwiseCallback(self)]
+
+
+def ddp_reduced(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters layer-wise mode leaves to DDP: those with fewer than two dimensions (norms,
+    biases: tiny, and DDP all-reduces them in buckets), or, when there are none, the smallest one
+    (DDP refuses a model in which it would reduce no parameter)."""
+    small = [p for p in params if p.dim() < 2]
+    if small or not params:
+        return small
+    return [min(params, key=lambda p: p.numel())]

@@ -1,0 +1,91 @@
+"""Layer-wise optimizers under DDP: one torchrun launch (2 CPU processes, gloo) runs GaLore,
+APOLLO-Mini and FRUGAL layer-wise with gradient accumulation and clipping, through a plain loop and
+through transformers.Trainer with the EfftPlugin. Losses and final weights equal one process on the
+same global batch (fp32, atol 1e-5), the ranks are bitwise equal, and DDP's reducer holds none of
+the layer-wise gradients."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import layerwise_ddp_worker as w
+from .helpers import model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lwddp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "tests.optim.layerwise_ddp_worker", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def _load(out, kind, name):
+    return [torch.load(out / f"{kind}-{name}-{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def _check(r0, r1, single, mean_losses):
+    for a, b, c in zip(r0["params"], r1["params"], single["params"]):
+        assert torch.equal(a, b)  # the ranks take identical steps
+        assert torch.allclose(a, c, atol=1e-5, rtol=0)  # == one process on the global batch
+    assert max((a - i).abs().max().item() for a, i in zip(r0["params"], model().parameters())) > 1e-3  # trained
+    assert r0["norms"] == r1["norms"]  # the clip uses the global (averaged) gradient norm on every rank
+    assert r0["norms"] == pytest.approx(single["norms"], rel=1e-5)
+    assert min(single["norms"]) > w.CLIP  # clipping was active
+    assert mean_losses == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
+
+
+def _small_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params if p.dim() < 2)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", w.PLAIN)
+def test_plain_loop_equals_single_process(runs, name):
+    r0, r1 = _load(runs, "plain", name)
+    single = w.run_plain(name)
+    mean = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]  # each rank saw half of each micro-batch
+    _check(r0, r1, single, mean)
+    # DDP's reducer holds (and buckets) only the 1-D parameters, which stay with it
+    assert r0["reducer_bytes"] == _small_bytes(single["params"])
+
+
+def test_reducer_holds_no_layerwise_gradient(runs):
+    """Peak of full-size gradients alive (hooks, as in test_layerwise.py): in one process the one
+    being consumed; under DDP also the one whose all-reduce is in flight; never all of them."""
+    r0, r1 = _load(runs, "peak", "galore")
+    single = w.run_plain("galore", watch=True, accum=1, steps=2)
+    biggest = max(p.numel() * p.element_size() for p in single["params"])
+    matrices = sum(p.dim() == 2 for p in single["params"])
+    assert single["peak"]["count"] == 1
+    for r in (r0, r1):
+        assert r["peak"]["count"] == 2 < matrices and r["peak"]["bytes"] <= 2 * biggest
+        assert r["reducer_bytes"] == _small_bytes(single["params"])
+
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", w.TRAINER)
+def test_trainer_with_plugin_equals_single_process(runs, name, tmp_path):
+    r0, r1 = _load(runs, "trainer", name)
+    single = w.run_trainer(name, str(tmp_path))
+    assert len(single["losses"]) == w.STEPS
+    _check(r0, r1, single, r0["losses"])  # Trainer logs the loss averaged over the ranks
+    assert r0["losses"] == r1["losses"]
+    assert r0["reducer_bytes"] == _small_bytes(single["params"])  # Trainer's DDP ignores the layer-wise ones
