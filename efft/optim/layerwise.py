@@ -34,16 +34,17 @@ P is the same on every rank and the projection is linear), everything else the f
 factor learnt from its projection, and FRUGAL takes the sign of the full remainder, so both need
 the averaged full gradient; their seeded projections are equal on every rank already). The
 all-reduce is asynchronous and the update waits for it in the next parameter's gradient hook (or
-at the end of backward), so communication overlaps the next gradient's computation; two full-size
-gradients are alive at most. The collectives match across ranks because every rank differentiates
+at the end of backward), so communication overlaps the next gradient's computation (at the cost of
+one more full-size gradient alive: the one in flight). The collectives match across ranks because every rank differentiates
 the same graph: the autograd engine runs one backward's nodes in an order fixed by the forward
 (nodes created later first), so the AccumulateGrad nodes, and these hooks, fire in the same order
 everywhere (data-dependent graphs that skip a parameter on some ranks only are not supported).
 Parameters with fewer than two dimensions (norms, biases) stay with DDP, which needs at least one
 parameter and all-reduces these tiny vectors in buckets; they are updated at the end of the
 backward that completes the step, after DDP's reduction (before Trainer's own clipping could see
-them). Norms, clip coefficients and updates are computed from the averaged gradients, so every
-rank takes identical steps, equal to one process on the global batch.
+them; after a short last accumulation cycle they are updated in ``step()``, where Trainer's clip
+has scaled them by their own norm). Norms, clip coefficients and updates are computed from the
+averaged gradients, so every rank takes identical steps, equal to one process on the global batch.
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ class LayerwiseOptimizer(Optimizer):
         self._pending: tuple | None = None  # (param, gradient being all-reduced, projected?, work)
         self._queued = False
         self._completed_step = False  # this backward finished the step for some parameter
+        self._checked_ddp = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.layerwise_params]
         if self.world_size > 1:
             self._handles += [p.register_hook(self._before_accumulate) for p in self.layerwise_params]
@@ -160,10 +162,10 @@ class LayerwiseOptimizer(Optimizer):
             p.grad = None
         if grad is None:
             return
+        if world_size() != self.world_size:
+            raise RuntimeError(f"layerwise: the optimizer was built for {self.world_size} process(es), training runs "
+                               f"with {world_size()}; build it after torch.distributed.init_process_group")
         if self.world_size > 1:
-            if world_size() != self.world_size:
-                raise RuntimeError(f"layerwise: the optimizer was built for {self.world_size} process(es), training runs "
-                                   f"with {world_size()}; build it after torch.distributed.init_process_group")
             grad.div_(self.world_size)
             work = dist.all_reduce(grad, async_op=True)
             self._complete_pending()
@@ -197,9 +199,22 @@ class LayerwiseOptimizer(Optimizer):
 
     @torch.no_grad()
     def _update_ddp_params(self) -> None:
-        for p in self.ddp_params:
-            if p.grad is not None:
-                self._apply(p, p.grad, False)
+        grads = [p for p in self.ddp_params if p.grad is not None]
+        if grads and not self._checked_ddp:
+            self._check_reduced(grads)
+        for p in grads:
+            self._apply(p, p.grad, False)
+
+    def _check_reduced(self, params: list) -> None:
+        """Once: the gradients left to DDP must be equal on every rank (else the model was not wrapped)."""
+        total = sum(p.grad.double().sum() for p in params)
+        both = torch.stack([total, -total])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        if both[0].item() != -both[1].item():
+            raise RuntimeError("layerwise: the gradients of the parameters left to DDP (norms, biases: "
+                               f"{len(params)} tensors) differ between ranks; wrap the model in "
+                               "torch.nn.parallel.DistributedDataParallel after building the optimizer")
+        self._checked_ddp = True
 
     # -------------------------------------------------------------------------------- step
     @torch.no_grad()

@@ -80,6 +80,22 @@ def run_plain(name: str, watch: bool = False, accum: int = ACCUM, steps: int = S
     return out
 
 
+def unwrapped_error() -> str:
+    """A model left unwrapped under several processes: the 1-D gradients are not reduced by anyone."""
+    from .test_layerwise import build, micro_batches
+    from .helpers import model
+
+    m = model()
+    opt = build(m, "galore", True, accum=1, clip=CLIP)
+    try:
+        m(**local_rows(micro_batches(0, micro=MICRO, n=1)[0])).loss.backward()
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        opt.remove_hooks()
+    return ""
+
+
 def run_trainer(name: str, out_dir: str) -> dict:
     """transformers.Trainer with the EfftPlugin (Trainer/accelerate wrap the model in DDP)."""
     from transformers import Trainer
@@ -119,6 +135,7 @@ def main(out_dir: str) -> None:
         for name in PLAIN:
             torch.save(run_plain(name), os.path.join(out_dir, f"plain-{name}-{rank}.pt"))
         torch.save(run_plain("galore", watch=True, accum=1, steps=2), os.path.join(out_dir, f"peak-galore-{rank}.pt"))
+        torch.save({"error": unwrapped_error()}, os.path.join(out_dir, f"unwrapped-{rank}.pt"))
         for name in TRAINER:
             torch.save(run_trainer(name, os.path.join(out_dir, f"trainer-{name}")),
                        os.path.join(out_dir, f"trainer-{name}-{rank}.pt"))

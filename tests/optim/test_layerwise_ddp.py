@@ -89,3 +89,9 @@ def test_trainer_with_plugin_equals_single_process(runs, name, tmp_path):
     _check(r0, r1, single, r0["losses"])  # Trainer logs the loss averaged over the ranks
     assert r0["losses"] == r1["losses"]
     assert r0["reducer_bytes"] == _small_bytes(single["params"])  # Trainer's DDP ignores the layer-wise ones
+
+
+def test_unwrapped_model_is_refused(runs):
+    for r in (0, 1):
+        err = torch.load(runs / f"unwrapped-{r}.pt", weights_only=True)["error"]
+        assert "differ between ranks" in err and "DistributedDataParallel" in err
