@@ -68,3 +68,46 @@ def test_import_is_lazy_and_works_without_triton():
     )
     r = _run(code)
     assert r.returncode == 0, r.stderr
+
+
+def test_autotune_families_for_training_and_decode_shapes(monkeypatch):
+    """One config per family under the interpreter; on a GPU, big row tiles for training shapes and
+    split-K tiles for decode shapes, picked by M."""
+    tk = pytest.importorskip("efft.ops._dequant_matmul_triton")
+    for tuned in (tk._fwd_tile, tk._fwd_splitk, tk._bwd_tile, tk._bwd_splitk):
+        assert len(tuned.configs) == 1
+    launched = []
+    real = tk._launch
+    monkeypatch.setattr(tk, "_launch", lambda tuned, *a, **kw: launched.append(tuned) or real(tuned, *a, **kw))
+    packed, state = quantize(torch.randn(16, 64))
+    for m in (1, tk.SMALL_M, tk.SMALL_M + 1):
+        x = torch.randn(m, 64)
+        torch.testing.assert_close(tk.forward(x, packed, state), dequant_matmul_reference(x, packed, state),
+                                   **TOL[torch.float32])
+    assert launched == [tk._fwd_splitk, tk._fwd_splitk, tk._fwd_tile]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU config lists
+    tile, split = tk.tile_configs(), tk.splitk_configs()
+    assert len(tile) > 1 and len(split) > 1
+    assert all(c.kwargs["BLOCK_M"] >= 64 and c.kwargs["SPLIT_K"] == 1 for c in tile)
+    assert all(c.kwargs["BLOCK_M"] <= 64 for c in split) and {c.kwargs["SPLIT_K"] for c in split} > {1}
+    assert {c.kwargs["BLOCK_M"] for c in tk._prune_small_m(split, {"M": 1})} == {16}  # M = 1: 16-row tiles only
+
+
+def test_shapes_and_tables_the_kernel_cannot_take_are_named():
+    from efft.ops.dequant_matmul import unsupported_reason
+    from efft.quant.formats import get_4bit_code
+    from efft.quant.state import QuantState
+
+    x = torch.randn(1, 2**15)
+    big = QuantState(absmax=torch.zeros(1), shape=torch.Size((2**16, 2**15)), dtype=torch.float32, blocksize=64,
+                     quant_type="nf4", code=get_4bit_code("nf4"))
+    reason = unsupported_reason(x, torch.zeros(1, dtype=torch.uint8), big)
+    assert reason == "the kernel indexes W with int32; W(65536, 32768) has 2**31 elements or more"
+    with pytest.raises(ValueError, match=r"dequant_matmul\(impl='triton'\): the kernel indexes W with int32"):
+        resolve_impl("triton", "dequant_matmul", torch.device("cpu"), reason)
+    _warned.clear()
+    with pytest.warns(RuntimeWarning, match="falling back to the torch reference: the kernel indexes W with int32"):
+        assert resolve_impl("auto", "dequant_matmul", torch.device("cuda"), reason) == "torch"
+    packed, state = quantize(torch.randn(16, 64))
+    state.code = state.code[:8]
+    assert unsupported_reason(torch.randn(2, 64), packed, state) == "expected a 16-entry 4-bit code table, got 8 entries"
