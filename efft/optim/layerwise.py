@@ -216,6 +216,13 @@ class LayerwiseOptimizer(Optimizer):
                                "torch.nn.parallel.DistributedDataParallel after building the optimizer")
         self._checked_ddp = True
 
+    @torch.no_grad()
+    def finish_param(self, p: torch.Tensor) -> None:
+        """Apply ``p``'s pending gradient now, outside backward (what ``step()`` does for a short
+        accumulation cycle); weight streaming calls it one resident layer at a time."""
+        self._finish(p)
+        self._complete_pending()
+
     # -------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable | None = None):

@@ -49,6 +49,7 @@ __all__ = [
     "Int8TrainableLinear", "Int8LayerwiseOptimizer", "prepare_int8_training", "int8_layers",
     "export_full_precision", "save_int8_checkpoint", "load_int8_checkpoint", "load_int8_pretrained", "int8_training_problems",
     "validate_int8_training", "is_int8_carrier", "int8_update", "full_precision_state_dict", "EMBEDDING_MODES",
+    "flush_deferred_writebacks",
 ]
 
 EMBEDDING_MODES = ("frozen", "trainable")
@@ -139,6 +140,10 @@ class Int8TrainableLinear(nn.Linear):
         _ensure_step_hooks()
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         self._materialized = False
+        # Buffers whose placement another component owns (efft.offload.weights keeps their master copy
+        # in host memory and swaps device copies in while the layer runs): .to()/.cuda() leave them be,
+        # and optimizer steps leave this layer's update to that component.
+        self._host_buffers: tuple[str, ...] = ()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw) -> "Int8TrainableLinear":
@@ -199,15 +204,22 @@ class Int8TrainableLinear(nn.Linear):
     # ------------------------------------------------------------------------- torch plumbing
     def _apply(self, fn, recurse=True):
         # .to(dtype) must not materialize the carrier or cast the scales: move them, keep float32.
+        # Host-owned buffers (_host_buffers) stay where they are; the carrier follows the move.
         carrier = self._parameters.pop("weight")
-        scale = self._buffers.pop("weight_scale")
+        kept = {k: self._buffers.pop(k) for k in self._host_buffers}
+        scale = self._buffers.pop("weight_scale", None)
         try:
             super()._apply(fn, recurse)
         finally:
             self._parameters["weight"] = carrier
-            self._buffers["weight_scale"] = scale
-        device = self.weight_codes.device
-        if scale.device != device:
+            if scale is not None:
+                self._buffers["weight_scale"] = scale
+            self._buffers.update(kept)
+        if self._host_buffers:
+            device = fn(torch.empty(0, dtype=torch.int8, device=carrier.device)).device
+        else:
+            device = self.weight_codes.device
+        if scale is not None and scale.device != device:
             self._buffers["weight_scale"] = scale.to(device)
         if carrier.device != device:
             carrier.data = _carrier_data(carrier.shape, device)
@@ -305,7 +317,8 @@ def _pre_step(opt, args, kwargs):
         for p in g["params"]:
             if (p.grad is not None or p in pending) and is_int8_carrier(p):
                 layer = _owner(p)
-                if layer is not None and not layer._materialized:
+                # a streamed layer (efft.offload.weights) is updated by the streamer's own step hook
+                if layer is not None and not layer._materialized and not layer._host_buffers:
                     layer.materialize()
                     todo.append(layer)
     if todo:
@@ -330,6 +343,12 @@ _callback_queued = [False]
 def _flush_deferred() -> None:
     while _deferred:
         _deferred.pop().commit()
+
+
+def flush_deferred_writebacks() -> None:
+    """Write back now the layers a foreign layer-wise hook updated and that wait for the next
+    carrier's hook (or the end of backward): weight streaming calls it before releasing a layer."""
+    _flush_deferred()
 
 
 def _end_of_backward() -> None:
@@ -442,6 +461,12 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
         finally:
             for q, g in hidden:
                 q.grad = g
+
+    def finish_param(self, p: torch.Tensor) -> None:
+        """Apply ``p``'s pending gradient now (what ``step()`` does for each parameter of a short
+        accumulation cycle); weight streaming calls it one resident layer at a time."""
+        if p.grad is not None:
+            self._update(p)
 
     def step(self, closure=None):
         """Applies gradients still pending (an accumulation cycle cut short); normally a no-op."""
