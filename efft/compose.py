@@ -41,7 +41,9 @@ def sparsity_enabled(recipe: Recipe) -> bool:
 
 
 def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """Quantize -> adapter -> sparsity -> activation offload, in that order (each sees the last)."""
+    """Quantize -> adapter -> sparsity -> activation offload -> weight streaming, in that order (each
+    sees the last). Weight streaming (``offload.weights``) moves the int8 decoder layers' master copy
+    to host memory; it stays installed for the model's life (the model cannot run without it)."""
     q, a = recipe.quant, recipe.adapter
     if q.trainable:  # the schema allows no adapter beside trainable int8 weights
         from efft.quant.trainable import prepare_int8_training
@@ -64,6 +66,10 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
         from efft.offload.activations import enable_activation_offload
 
         model._efft_activation_offload = enable_activation_offload(model, recipe.offload)
+    if recipe.offload.weights:
+        from efft.offload.weights import enable_weight_streaming
+
+        enable_weight_streaming(model, recipe.offload)  # kept as model._efft_weight_stream
     return model
 
 

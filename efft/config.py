@@ -284,6 +284,13 @@ class OffloadConfig(Section):
     pin_memory: bool = True
     max_pinned_bytes: int = Field(8 << 30, gt=0)
     keep_small_params_on_device_bytes: int = Field(1 << 20, ge=0)
+    weights: bool = Field(False, description="Keep the decoder layers' trainable int8 weights (codes, scales, "
+                          "rounding counters) in host memory and copy each layer to the device just before it runs, "
+                          "releasing it right after (forward and backward); needs quant.type: int8, trainable: true "
+                          "and optim.layerwise: true.")
+    weights_prefetch_layers: int = Field(1, ge=1, le=2, description="With offload.weights: how many layers ahead are "
+                                         "copied to the device on a side stream; the device holds at most 1 + this "
+                                         "many layers' int8 weights.")
 
 
 # ------------------------------------------------------------------------------------------- generate

@@ -204,7 +204,8 @@ class EfftPlugin:
                             f"(the optimizer's lr, betas, clipping come from them), got {type(args).__name__}")
         check_training_arguments(self.recipe, args)
         tracker = None
-        if self.recipe.offload.optimizer or self.recipe.offload.activations:
+        off = self.recipe.offload
+        if off.optimizer or off.activations or off.weights:
             from efft.memory.tracker import MemoryTracker
             from efft.offload import host_bytes_in_use
 

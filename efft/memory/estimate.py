@@ -17,6 +17,8 @@
   (norms, q/k/v/o, eager or SDPA attention, gated MLP, LM head + loss) as a function of batch,
   sequence, hidden, heads, KV heads, head dim, intermediate, vocab and dtype, with gradient
   checkpointing, loss-token skipping, token elimination and activation offload applied.
+  With ``offload.weights`` the int8 decoder layers count 1 + ``weights_prefetch_layers`` layers on
+  the device and the rest in ``host``.
 - **workspace**: the largest transient buffers (logits gradient, attention scores, MLP gradients,
   a dequantized weight, the optimizer step's temporaries).
 
@@ -715,6 +717,16 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     for _, buf in model.named_buffers():
         buffers += buf.numel() * buf.element_size()
     weights += buffers
+    streamed_host, streamed_layer = 0, 0
+    if off.weights and int8_train:
+        # efft.offload.weights: each decoder layer's int8 codes, block scales and rounding state live
+        # in host memory; the device holds 1 + weights_prefetch_layers layers of them at a time (the
+        # 4-byte carriers, biases and norms stay on the device)
+        per_layer = _streamed_layer_bytes(model, quantized, q.blocksize)
+        streamed_host, streamed_layer = sum(per_layer), max(per_layer, default=0)
+        weights += (1 + off.weights_prefetch_layers) * streamed_layer - streamed_host
+        notes.append(f"offload.weights: int8 decoder layers in host memory, {1 + off.weights_prefetch_layers} "
+                     "layer(s) on the device at a time")
 
     # adapters
     adapter_params: list[tuple[str, tuple, int]] = []
@@ -818,7 +830,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         step_ws = max(step_ws, 8 * max(math.prod(s) for _, s, _ in train_params))
     else:
         step_ws = max(step_ws, plain_bytes_tmp)
-    host = 0
+    host = streamed_host
     if off.optimizer:
         # efft.offload.optimizer: a parameter of at least keep_small_params_on_device_bytes gets a
         # host copy, a host gradient buffer and its state on the host; smaller parameters, and
@@ -944,10 +956,28 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         "frozen_weight_bytes": frozen_bytes, "quantized_linears": len(quantized), "lora_modules": len(targets),
         "lowrank_params": len(lowrank_names), "optimizer_state_total": opt_state, "step_workspace": step_ws,
         "activation_parts": act, "head_grad": head_grad, "activation_host_bytes": details_act_host,
+        "streamed_weight_host_bytes": streamed_host, "streamed_layer_bytes": streamed_layer,
         "peak_note": "peak = weights + adapters + optimizer state + max(activations + workspace, gradients + step temporaries)",
     }
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer_state=opt_state_device,
                     activations=activations, workspace=workspace, total=total, host=host, details=details, notes=notes)
+
+
+def _streamed_layer_bytes(model, quantized: set, blocksize: int) -> list[int]:
+    """Per decoder layer, the bytes weight streaming keeps in host memory: each trainable int8
+    Linear's codes, float32 block scales and int64 rounding state (its carrier stays)."""
+    from efft.offload.activations import find_decoder_layers
+
+    _, layers = find_decoder_layers(model)
+    name_of = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for layer in layers:
+        total = 0
+        for m in layer.modules():
+            if isinstance(m, torch.nn.Linear) and name_of[id(m)] in quantized:
+                total += int8_blockwise_bytes(m.out_features, m.in_features, blocksize) - 4
+        out.append(total)
+    return out
 
 
 # --------------------------------------------------------------------------------- suggestions
@@ -980,6 +1010,9 @@ def _candidates(r) -> list[tuple[float, str, list[tuple[str, Any]]]]:
         c.append((6, "optimizer state offloaded to the host", [("offload.optimizer", True)]))
     if not off.activations:
         c.append((6.5, "activation offload to the host", [("offload.activations", True)]))
+    if q.type == "int8" and q.trainable and o.layerwise and not off.weights:
+        c.append((8, "int8 decoder layers streamed from host memory (copies every layer twice a step)",
+                  [("offload.weights", True)]))
     if q.type == "none" and a.type == "none":
         c.append((7, "NF4 base + LoRA r16 (QLoRA: trains an adapter, not the weights)",
                   [("quant.type", "nf4"), ("adapter.type", "lora"), ("adapter.r", 16), ("optim.name", "adamw"),

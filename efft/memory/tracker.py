@@ -111,14 +111,19 @@ def _quant_stat_tensors(p: torch.Tensor) -> list[torch.Tensor]:
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     """``trainable`` / ``frozen`` parameter bytes and ``buffers`` bytes (all distinct storages).
-    Quantization statistics that bitsandbytes hangs on its parameters count as frozen."""
+    Quantization statistics that bitsandbytes hangs on its parameters count as frozen. Buffers whose
+    master copy lives in host memory on purpose (efft.offload.weights marks them) are not device
+    weights: they are left out of ``total`` and reported as ``host``."""
     seen: set = set()
     params = list(model.parameters())
     trainable = tensor_bytes((p for p in params if p.requires_grad), seen)
     frozen = tensor_bytes((p for p in params if not p.requires_grad), seen)
     frozen += tensor_bytes((t for p in params for t in _quant_stat_tensors(p)), seen)
-    buffers = tensor_bytes(model.buffers(), seen)
-    return {"trainable": trainable, "frozen": frozen, "buffers": buffers, "total": trainable + frozen + buffers}
+    bufs = list(model.buffers())
+    buffers = tensor_bytes((b for b in bufs if not getattr(b, "_efft_host_master", False)), seen)
+    host = tensor_bytes((b for b in bufs if getattr(b, "_efft_host_master", False)), seen)
+    return {"trainable": trainable, "frozen": frozen, "buffers": buffers, "total": trainable + frozen + buffers,
+            "host": host}
 
 
 def gradient_bytes(model: torch.nn.Module) -> int:
@@ -489,6 +494,8 @@ def report(
         d["weights_frozen_bytes"] = w["frozen"]
         d["buffers_bytes"] = w["buffers"]
         d["weights_bytes"] = w["total"]
+        if w["host"]:
+            d["weights_host_bytes"] = w["host"]
         d["gradient_bytes"] = gradient_bytes(model)
         d["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         d["total_params"] = sum(p.numel() for p in model.parameters())
@@ -529,6 +536,7 @@ _ROWS = [
     ("weights (trainable)", "weights_trainable_bytes"),
     ("weights (frozen)", "weights_frozen_bytes"),
     ("buffers", "buffers_bytes"),
+    ("weights in host memory (streamed)", "weights_host_bytes"),
     ("gradients", "gradient_bytes"),
     ("gradients (peak in backward)", "gradient_peak_bytes"),
     ("optimizer state", "optimizer_state_bytes"),

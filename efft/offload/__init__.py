@@ -1,7 +1,9 @@
-"""efft.offload: optimizer state and saved activations in host memory, copies overlapped with compute.
+"""efft.offload: optimizer state, saved activations and int8 weights in host memory, copies overlapped with compute.
 
 - ``OffloadOptimizer(params, optimizer_class, cfg, **kw)`` / ``offload_optimizer(optimizer, cfg, **kw)``
 - ``enable_activation_offload(model, cfg) -> handle`` (``handle.remove()``)
+- ``enable_weight_streaming(model, cfg) -> WeightStreamer``: trainable int8 decoder layers kept in
+  host memory, each copied to the device just before it runs
 - ``host_bytes_in_use()`` / ``peak_host_bytes()`` for the end-of-run memory report
 - ``recipe_problems(recipe)`` for recipe validation
 """
@@ -9,6 +11,7 @@ from .activations import ActivationOffload, enable_activation_offload
 from .checks import recipe_problems
 from .optimizer import OffloadOptimizer, offload_optimizer
 from .pinned import HostBufferPool, HostMemoryError, host_bytes_in_use, peak_host_bytes
+from .weights import WeightStreamer, enable_weight_streaming
 
 __all__ = [
     "ActivationOffload",
@@ -20,4 +23,6 @@ __all__ = [
     "offload_optimizer",
     "peak_host_bytes",
     "recipe_problems",
+    "WeightStreamer",
+    "enable_weight_streaming",
 ]

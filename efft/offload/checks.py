@@ -25,6 +25,15 @@ def recipe_problems(recipe: Any) -> list[tuple[str, str]]:
         if getattr(train, "fp16", False):
             p.append(("offload.optimizer", "fp16 loss scaling unscales (and may skip) gradients after backward, when the "
                                            "offloaded CPU steps have already used them; use train.bf16 instead"))
+    if getattr(off, "weights", False):
+        quant = getattr(recipe, "quant", None)
+        if getattr(quant, "type", None) != "int8" or not getattr(quant, "trainable", False):
+            p.append(("offload.weights", "streams the decoder layers' trainable int8 weights from host memory: set "
+                                         "quant.type: int8 and quant.trainable: true (other weights are not streamed)"))
+        if not getattr(optim, "layerwise", False):
+            p.append(("offload.weights", "needs optim.layerwise: true: a whole-model optimizer step updates every "
+                                         "layer at once, which would bring every layer's float32 weight onto the "
+                                         "device; layer-wise updates run in backward while each layer is resident"))
     if getattr(off, "activations", False) and getattr(off, "activation_mode", "all") == "checkpoint_inputs" \
             and not getattr(train, "gradient_checkpointing", False):
         p.append(("offload.activation_mode", "checkpoint_inputs offloads what gradient checkpointing keeps: set "

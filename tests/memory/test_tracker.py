@@ -36,7 +36,7 @@ def test_weight_bytes_trainable_frozen_buffers_and_tied():
     m["frozen"].requires_grad_(False)
     m.register_buffer("buf", torch.zeros(7, dtype=torch.float64))
     w = weight_bytes(m)
-    assert w == {"trainable": 10 * 4 * 4, "frozen": (4 * 3 + 3) * 4, "buffers": 56, "total": 160 + 60 + 56}
+    assert w == {"trainable": 10 * 4 * 4, "frozen": (4 * 3 + 3) * 4, "buffers": 56, "total": 160 + 60 + 56, "host": 0}
 
 
 def test_gradients_and_adamw_state_bytes():
