@@ -88,6 +88,11 @@ class WeightStreamer:
         k = int(_cfg(cfg, "weights_prefetch_layers", 1) if prefetch_layers is None else prefetch_layers)
         if k not in (1, 2):
             raise ValueError(f"weights_prefetch_layers must be 1 or 2, got {k}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ValueError("offload.weights runs in one process: under DDP a layer-wise update is applied after "
+                             "the next parameter's gradient arrives, when its layer may already be back in host "
+                             "memory; train without streaming or in one process")
         if getattr(model, "_efft_weight_stream", None) is not None:
             raise ValueError("weight streaming is already enabled on this model")
         if layers is None:
