@@ -4,7 +4,7 @@ The basis is refreshed every ``update_proj_gap`` steps by an exact fp32 SVD (``p
 the paper's choice) or by a randomized SVD warm-started from the previous basis
 (``projector="rsvd"``: a few matmuls instead of a full SVD). Moments are kept across refreshes, the
 update is back-projected and scaled by ``scale``, and weight decay follows the update, as in the
-authors' code. With ``stagger_refresh`` the refreshes of different matrices fall on different steps.
+authors' code; both go into p with one ``addmm_`` (no full-size temporary, one pass over p). With ``stagger_refresh`` the refreshes of different matrices fall on different steps.
 """
 from __future__ import annotations
 
@@ -76,10 +76,10 @@ class GaLoreAdamW(ProjectedOptimizer):
             r = r * clip
         state["step"] = state.get("step", 0) + 1
         direction, step_size = self._adam_direction(state, r, group)
-        lr, wd = group["lr"], group["weight_decay"]
-        add_back_projected_(p, direction, state["basis"], state_side(p, group), alpha=-step_size * group["scale"])
-        if wd > 0:
-            p.add_(p, alpha=-lr * wd)
+        # Weight decay follows the update (authors' order), so it folds into the GEMM's beta.
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        add_back_projected_(p, direction, state["basis"], state_side(p, group),
+                            alpha=-step_size * group["scale"] * decay, beta=decay)
 
 
 def state_side(p: torch.Tensor, group: dict) -> str:

@@ -50,9 +50,25 @@ def project_back(low: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Ten
     return basis @ low if side == "left" else low @ basis
 
 
-def add_back_projected_(p: torch.Tensor, low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float) -> None:
-    """p += alpha * back-projection of ``low`` (same rounding as the authors' code: GEMM, then add)."""
-    p.add_(project_back(low.to(basis.dtype), basis, side).to(p.dtype), alpha=alpha)
+def add_back_projected_(p: torch.Tensor, low: torch.Tensor, basis: torch.Tensor, side: str, alpha: float,
+                        beta: float = 1.0) -> None:
+    """p = beta * p + alpha * back-projection of ``low``, as one in-place GEMM (``addmm_``).
+
+    The authors' code computes the full-size back-projection, then adds it (and decays p in a
+    third pass); ``addmm_`` accumulates the product straight into p: no m x n temporary and one
+    pass over p. Equal to GEMM-then-add up to rounding. ``beta`` != 1 folds a weight decay that
+    follows the update: (p + a U)(1 - c) = (1 - c) p + a (1 - c) U.
+    """
+    if low.dtype != basis.dtype:
+        low = low.to(basis.dtype)
+    if p.dtype != basis.dtype:  # addmm_ needs one dtype: GEMM in the basis' dtype, then add
+        if beta != 1.0:
+            p.mul_(beta)
+        p.add_(project_back(low, basis, side).to(p.dtype), alpha=alpha)
+    elif side == "left":
+        p.addmm_(basis, low, beta=beta, alpha=alpha)
+    else:
+        p.addmm_(low, basis, beta=beta, alpha=alpha)
 
 
 # ------------------------------------------------------------------------------------------ seeds
