@@ -209,6 +209,14 @@ NOTES = [
 ]
 
 
+def _gpu_note(rows) -> list:
+    """Say so when the card has CPU rows only (the GPU rows come from a run on a CUDA machine)."""
+    if any(r.get("device") == "cuda" for r in rows):
+        return []
+    return ["No GPU rows: the machine that wrote this card had no GPU. On a CUDA machine the same command adds"
+            " them (efft's fused Triton dequantize-matmul from efft.ops against bitsandbytes' CUDA kernels)."]
+
+
 def render(env, quality, speed, qshape):
     qcols = ["device", "library", "format", "bits/param", "SQNR gaussian (dB)", "SQNR student-t(3) (dB)",
              "bytes = bitsandbytes"]
@@ -246,7 +254,7 @@ def render(env, quality, speed, qshape):
         "",
         "## Notes",
         "",
-        *[f"- {n}" for n in NOTES],
+        *[f"- {n}" for n in NOTES + _gpu_note(quality + speed)],
         "",
         "## Usage",
         "",

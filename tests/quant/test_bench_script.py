@@ -19,6 +19,9 @@ def test_bench_quant_writes_card(tmp_path):
               "--machine", "test", "--out", str(out)])
     text = out.read_text()
     assert "## Size and accuracy" in text and "## Speed" in text and "## Notes" in text
+    import torch
+
+    assert ("No GPU rows" in text) == (not torch.cuda.is_available())  # a CPU-only card says so
     data = json.loads((tmp_path / "quant.json").read_text())
     effts = [r for r in data["quality"] if r["library"] == "efft" and r["format"].startswith(("nf4", "fp4"))]
     assert len(effts) == 4 and all(r["bytes = bitsandbytes"] == "yes" for r in effts)

@@ -73,6 +73,23 @@ def test_quantize_4bit_equals_bitsandbytes(dtype, quant_type, double_quant):
             assert torch.equal(got, bnbF.dequantize_4bit(ref_p, ref)), where
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_every_blocksize_equals_bitsandbytes(quant_type, double_quant):
+    """All eight blocksizes 32..4096 (the main test covers four on many shapes). 131x100 weights:
+    the last block is partial for every size; at 32, the 410 absmax values fill two nested blocks."""
+    assert E.BLOCKSIZES_4BIT == (32, 64, 128, 256, 512, 1024, 2048, 4096)
+    for i, bs in enumerate(E.BLOCKSIZES_4BIT):
+        w = _weights((131, 100), torch.float16, seed=100 + i)
+        ref_p, ref = bnbF.quantize_4bit(w, blocksize=bs, quant_type=quant_type, compress_statistics=double_quant)
+        p, st = E.quantize_4bit(w, quant_type=quant_type, blocksize=bs, compress_statistics=double_quant)
+        assert torch.equal(p, ref_p) and torch.equal(st.absmax, ref.absmax), bs
+        if double_quant:
+            assert torch.equal(st.offset, ref.offset) and torch.equal(st.state2.absmax, ref.state2.absmax), bs
+        want = _plain_dequant(p, E.dequantize_absmax(st), st.code, bs, w.numel()).reshape(w.shape).to(w.dtype)
+        assert torch.equal(E.dequantize_4bit(p, st), want), bs
+
+
 def test_single_element_and_tiny_tensors():
     for n in (1, 2, 3):
         w = torch.randn(n)
