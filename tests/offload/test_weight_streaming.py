@@ -229,6 +229,21 @@ def test_masters_stay_in_host_memory_when_the_model_moves():
     assert norm.weight.data_ptr() != norm_ptr and m.model.rotary_emb.inv_freq.data_ptr() != bias_ptr
 
 
+def test_eval_and_generation_stream_too():
+    ref, m = _model(), _model()
+    s = enable_weight_streaming(m, trace=True)
+    ref.eval()
+    m.eval()
+    ids = batches(1)[0]["input_ids"][:1, :6]
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, ref(input_ids=ids).logits)
+    out = m.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=4, do_sample=False))
+    # the logits pass, then generate: the prompt (first new token) and one pass for each of the 3 others
+    assert [i for e, i in s.trace if e == "resident"] == [0, 1, 2] * 5
+    assert s.resident_bytes == 0 and "write_back" not in {e for e, _ in s.trace}
+
+
 # ------------------------------------------------------------------------------------ resume
 def test_save_and_resume_continue_exactly(tmp_path):
     data = batches(4)
@@ -281,7 +296,7 @@ TINY = {"model_type": "llama", "vocab_size": 320, "hidden_size": 32, "intermedia
 
 def _recipe_dict(data_path, out, **sections):
     d = {"model": {"config": TINY}, "data": {"path": str(data_path), "max_seq_length": 48},
-         "train": {"output_dir": str(out), "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
+         "train": {"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
                    "logging_steps": 1, "save_steps": 2, "seed": 3, "lr_scheduler_type": "constant",
                    "gradient_accumulation_steps": 2, "gradient_checkpointing": True},
          "quant": {"type": "int8", "trainable": True, "compute_dtype": "float32"},
@@ -326,8 +341,9 @@ def test_prefetch_layers_is_one_or_two(tmp_path):
 
 
 def test_efft_train_streams_and_resumes_to_the_unstreamed_result(tmp_path):
-    """`efft train` with offload.weights: interrupted after 2 of 4 steps and resumed from its checkpoint,
-    it ends bitwise where the same recipe without streaming ends (gradient accumulation 2, checkpointing)."""
+    """`efft train` with offload.weights: interrupted after 2 of 6 steps and resumed from its checkpoint,
+    it ends bitwise where the same recipe without streaming ends (gradient accumulation 2, checkpointing;
+    36 examples in batches of 4 make step 5 a one-micro-batch cycle, applied in step())."""
     import json
 
     import yaml
@@ -345,7 +361,7 @@ def test_efft_train_streams_and_resumes_to_the_unstreamed_result(tmp_path):
     assert cli.main(["train", str(path), "max_steps=2"]) == 0
     assert cli.main(["train", str(path), "train.resume_from_checkpoint=true"]) == 0
     card = json.loads((tmp_path / "stream" / "card.json").read_text())
-    assert card["global_step"] == 4 and card["steps_this_run"] == 2
+    assert card["global_step"] == 6 and card["steps_this_run"] == 4
     assert [l for _, l in card["loss_curve"]] == [l for _, l in ref["loss_curve"]]
     assert card["memory"]["weights_host_bytes"] > 0 and card["memory"]["host_offload_bytes"] >= card["memory"]["weights_host_bytes"]
     a = load_file(tmp_path / "ref" / "final" / "int8" / "model.safetensors")
