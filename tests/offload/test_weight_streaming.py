@@ -83,6 +83,22 @@ def test_int8_layerwise_optimizer_with_accumulation_is_bitwise_the_same():
     assert set(_write_backs(m)) == {3} and s.stats["step_updates"] == 21
 
 
+def test_with_activation_offload_too():
+    from efft.config import OffloadConfig
+    from efft.offload.activations import enable_activation_offload
+
+    data = batches(3)
+    ref = _model()
+    ref_losses = _train(ref, _layerwise(ref), data)
+    m = _model()
+    cfg = OffloadConfig(activations=True, weights=True, min_offload_bytes=0)
+    acts = enable_activation_offload(m, cfg)
+    enable_weight_streaming(m, cfg)
+    assert _train(m, _layerwise(m), data) == ref_losses
+    assert_same_state(ref, m)
+    assert acts.stats["offloaded"] > 0
+
+
 # ----------------------------------------------------------------------------------- schedule
 FORWARD = {
     1: [("fetch", 0), ("resident", 0), ("prefetch", 1), ("release", 0),
@@ -287,6 +303,18 @@ def test_planner_predicts_the_streamed_weights_exactly(prefetch):
     assert e.weights == w["total"] + s.peak_resident_bytes
     assert e.host == w["host"] == s.host_bytes() > 0
     assert e.details["streamed_layer_bytes"] == s.layer_bytes[0]
+
+
+def test_planner_offers_streaming_to_a_layerwise_int8_recipe():
+    from efft.memory import estimate as est
+    from tests.memory.harness import recipe, tiny_block
+
+    q = {"type": "int8", "trainable": True, "compute_dtype": "float32"}
+    layerwise = est._recipe_from(recipe(tiny_block(), quant=q, optim={"name": "apollo_mini", "layerwise": True}))
+    whole = est._recipe_from(recipe(tiny_block(), quant=q, optim={"name": "apollo_mini"}))
+    offered = lambda r: [ch for _, _, ch in est._candidates(r) if ("offload.weights", True) in ch]  # noqa: E731
+    assert offered(layerwise) == [[("offload.weights", True)]]
+    assert offered(whole) == []  # refused without layer-wise updates: not offered
 
 
 # ------------------------------------------------------------------------------------ recipes
