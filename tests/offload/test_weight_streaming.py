@@ -99,6 +99,35 @@ def test_with_activation_offload_too():
     assert acts.stats["offloaded"] > 0
 
 
+class _Checkpointed(torch.nn.Module):
+    """Runs a layer's whole call (its module hooks included) under non-reentrant checkpointing, as
+    hand-written training code does: the streamer's hooks then fire again in backward's recompute."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+def test_hooks_inside_a_checkpoint_recompute_in_backward():
+    data = batches(3)
+    models = []
+    for stream in (False, True):
+        m = _model()
+        m.config.use_cache = False  # a recompute must not append to a KV cache a second time
+        inner = torch.nn.ModuleList(list(m.model.layers))
+        m.model.layers = torch.nn.ModuleList(_Checkpointed(layer) for layer in inner)
+        s = enable_weight_streaming(m, layers=inner, trace=True) if stream else None
+        models.append((m, _train(m, _layerwise(m), data), s))
+    (ref, ref_losses, _), (m, losses, s) = models
+    assert losses == ref_losses
+    assert_same_state(ref, m)
+    assert [i for e, i in s.trace if e == "resident"] == [0, 1, 2, 2, 1, 0] * 3
+    assert s.peak_resident_bytes == 2 * s.layer_bytes[0]
+
+
 # ----------------------------------------------------------------------------------- schedule
 FORWARD = {
     1: [("fetch", 0), ("resident", 0), ("prefetch", 1), ("release", 0),
