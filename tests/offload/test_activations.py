@@ -57,6 +57,33 @@ def test_prefetch_order_is_ahead_of_backward():
     assert [e[1] for e in back] == sorted((e[1] for e in back), reverse=True)
 
 
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_prefetch_runs_the_configured_number_of_layers_ahead(ahead):
+    """With prefetch_layers = p, layer L's copy back starts when backward first unpacks a tensor of
+    layer L + p: before any tensor of layer L + p - 1 is unpacked, and not earlier than that."""
+    layers = 4
+    m = model(layers=layers)
+    h = enable_activation_offload(m, cfg(prefetch_layers=ahead), trace=True)
+    unpack = h._unpack
+
+    def noting(obj):  # record which layer backward is in, in the same trace
+        h.trace.append(("unpack", obj.layer))
+        return unpack(obj)
+
+    h._unpack = noting
+    m(**batches(0)[0]).loss.backward()
+    t = h.trace
+    first_unpack = {L: min(i for i, e in enumerate(t) if e == ("unpack", L)) for L in range(layers)}
+    prefetch = [(i, e[1]) for i, e in enumerate(t) if e[0] == "prefetch"]  # one per host copy
+    assert {L for _, L in prefetch} == set(range(layers - 1)) and not [e for e in t if e[0] == "fetch"]
+    for L in range(layers - 1):
+        at = [i for i, layer in prefetch if layer == L]
+        trigger = min(L + ahead, layers - 1)
+        assert first_unpack[trigger] < min(at), (L, t)  # started by layer L + p ...
+        if L + ahead <= layers - 1:
+            assert max(at) < first_unpack[trigger - 1], (L, t)  # ... all ahead of layer L + p - 1
+
+
 def test_no_prefetch_fetches_on_demand(plain):
     m, h = run(cfg(prefetch_layers=0))
     assert same_params(plain, m)

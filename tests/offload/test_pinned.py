@@ -1,5 +1,6 @@
 """Host buffer pool: reuse by size, the bound, the pageable fallback, host-OOM message, accounting."""
 import gc
+import warnings
 
 import pytest
 import torch
@@ -68,6 +69,10 @@ def test_pin_failure_falls_back_to_pageable(monkeypatch):
     with pytest.warns(UserWarning, match="pinning a .* host buffer failed"):
         buf = pool.acquire(4096)
     assert buf.numel() == 4096 and not buf.is_pinned() and pool.pin_failures == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per pool, not one per buffer
+        assert pool.acquire(8192).numel() == 8192
+    assert pool.pin_failures == 2
 
 
 def test_host_memory_exhaustion_names_the_buffer_size(monkeypatch):
