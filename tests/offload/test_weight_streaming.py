@@ -311,6 +311,24 @@ def test_save_and_resume_continue_exactly(tmp_path):
     assert_same_state(ref, resumed)
 
 
+def test_remove_puts_the_weights_back_and_training_goes_on():
+    from efft.memory.tracker import weight_bytes
+
+    data = batches(4)
+    ref = _model()
+    _train(ref, _layerwise(ref), data)
+    m = _model()
+    s = enable_weight_streaming(m)
+    opt = _layerwise(m)
+    _train(m, opt, data[:2])
+    s.remove()
+    assert weight_bytes(m)["host"] == 0 and s.host_bytes() == 0 and not hasattr(m, "_efft_weight_stream")
+    assert all(not mod._host_buffers for mod in m.modules() if isinstance(mod, Int8TrainableLinear))
+    _train(m, opt, data[2:])
+    assert_same_state(ref, m)
+    assert s.stats["fetched"] == 4  # nothing streamed after remove(): 2 steps x (forward + backward)
+
+
 # ------------------------------------------------------------------------------------ planner
 @pytest.mark.parametrize("prefetch", [1, 2])
 def test_planner_predicts_the_streamed_weights_exactly(prefetch):
