@@ -128,6 +128,32 @@ def test_input_grad_4bit_matches_reference(dtype, config, nested):
     torch.testing.assert_close(out[idx], ref.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_input_grad_one_kept_row_and_non_contiguous_dy(dtype):
+    """M = 1 (a single kept token) and a transposed dY, for a dense W and a 4-bit W with odd K (rows
+    start mid-byte, blocks cross rows), compact and scattered; reference: dY[idx] @ W in torch."""
+    from efft.ops.dequant_matmul import _dequantize
+
+    g = torch.Generator().manual_seed(8)
+    dy = torch.randn(40, 30, generator=g).to(dtype).t()  # [30 rows, 40], stride (1, 30)
+    assert not dy.is_contiguous()
+    w = torch.randn(40, 56, generator=g)
+    packed, state = quantize(torch.randn(40, 129, generator=g), "nf4", 64, True)
+    w4 = _dequantize(packed, state, dtype)
+    for idx in (torch.tensor([17]), torch.tensor([29, 0, 3, 17, 8])):
+        torch.testing.assert_close(sparse_input_grad(dy, w, idx, impl="triton"), dy[idx] @ w.to(dtype), **TOL[dtype])
+        want = dy[idx] @ w4
+        got = sparse_dequant_input_grad(dy, packed, state, idx, impl="triton")
+        assert got.shape == (idx.numel(), 129)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        out = torch.full((30, 129), 3.0, dtype=dtype)
+        assert sparse_dequant_input_grad(dy, packed, state, idx, out=out, impl="triton") is out
+        torch.testing.assert_close(out[idx], want, **TOL[dtype])
+        rest = torch.ones(30, dtype=torch.bool)
+        rest[idx] = False
+        assert (out[rest] == 3.0).all()
+
+
 def test_input_grad_4bit_matches_bitsandbytes():
     torch.manual_seed(5)
     w_bnb, (packed, state) = bnb_dequantize(torch.randn(48, 128), "nf4", 64, True)
