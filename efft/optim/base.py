@@ -166,7 +166,18 @@ class ProjectedOptimizer(Optimizer):
             grads = torch._foreach_mul(grads, clip)
         if wd > 0 and self.decay_before_update:
             torch._foreach_mul_(params, 1.0 - lr * wd)
-        if group["state_bits"] == 32:
+        if group["state_bits"] == 32 and all(p.device.type == "cpu" for p in params):
+            for p, g, st, s, c in zip(params, grads, states, step_sizes, v_scales):
+                for pc, gc, m, v in _cpu_chunks(p, g, st["exp_avg"], st["exp_avg_sq"]):
+                    m.mul_(beta1).add_(gc, alpha=1.0 - beta1)
+                    v.mul_(beta2).addcmul_(gc, gc, value=1.0 - beta2)
+                    denom = v.sqrt()
+                    if c != 1.0:
+                        denom.mul_(c)
+                    direction = torch.div(m, denom.add_(eps), out=denom)  # div then add: the authors' rounding
+                    pc.add_(direction if direction.dtype == pc.dtype else direction.to(pc.dtype), alpha=s)
+                    del denom, direction
+        elif group["state_bits"] == 32:
             ms = [st["exp_avg"] for st in states]
             vs = [st["exp_avg_sq"] for st in states]
             torch._foreach_mul_(ms, beta1)
@@ -240,6 +251,25 @@ class ProjectedOptimizer(Optimizer):
     def state_bytes(self) -> int:
         """Bytes held in tensors of ``optimizer.state`` (what the memory tests and cards report)."""
         return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+
+
+#: Elements per slice of the CPU AdamW loop (1 MiB of fp32 per tensor: the slice's m, v, g, p and
+#: one temporary stay in cache across the eight elementwise ops).
+CPU_CHUNK = 1 << 18
+
+
+def _cpu_chunks(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor):
+    """(p, g, m, v) in matching flat slices of CPU_CHUNK elements, or whole when not all contiguous.
+
+    On CPU, torch._foreach ops are a loop of the per-tensor kernels (so results are identical) that
+    allocates sqrt(v) and m / denom for every parameter at once and streams each full-size tensor
+    through memory once per op; on slices the eight ops of an AdamW update find their operands in
+    cache, one small temporary is alive at a time and no large one is page-faulted in anew each step.
+    """
+    ts = (p, g, m, v)
+    if p.numel() <= CPU_CHUNK or not all(t.is_contiguous() and t.shape == p.shape for t in ts):
+        return [ts]
+    return zip(*(t.view(-1).split(CPU_CHUNK) for t in ts))
 
 
 def moment_dtype(p: torch.Tensor) -> torch.dtype:

@@ -89,4 +89,4 @@ def adam_direction(state: dict, g: torch.Tensor, beta1: float, beta2: float, eps
     denom = v.sqrt()
     if v_scale != 1.0:
         denom.mul_(v_scale)
-    return m / denom.add_(eps)
+    return torch.div(m, denom.add_(eps), out=denom)  # into denom: one temporary, same rounding
