@@ -17,6 +17,7 @@ import torch.distributed as dist
 STEPS, ACCUM, CLIP, MICRO = 4, 2, 0.3, 4  # MICRO: rows of one global micro-batch (split across ranks)
 PLAIN = ["galore", "apollo_mini", "frugal"]
 TRAINER = ["galore", "apollo_mini"]
+INT8_STEPS, INT8_OPTIM = 2, "galore"  # stochastic-rounding flips compound step after step; compare early
 
 
 def rank_world() -> tuple[int, int]:
@@ -49,14 +50,20 @@ def reducer_bytes(ddp) -> int:
     return int(ddp._get_ddp_logging_data()["total_parameter_size_bytes"])
 
 
-def run_plain(name: str, watch: bool = False, accum: int = ACCUM, steps: int = STEPS) -> dict:
+def run_plain(name: str, watch: bool = False, accum: int = ACCUM, steps: int = STEPS, int8: bool = False) -> dict:
     """The plain loop: DDP around the model when several processes run (layer-wise params ignored).
     ``watch``: record the peak of full-size gradients alive (run with ``accum=1``: with accumulation,
-    gradients that cannot be projected are kept across micro-batches by design)."""
+    gradients that cannot be projected are kept across micro-batches by design). ``int8``: trainable
+    int8 weights (the factory's layer-wise optimizer drives their grad carriers)."""
     from .test_layerwise import build, micro_batches
     from .helpers import model
 
-    m = model()
+    if int8:
+        from tests.quantized_ft.helpers import int8_model, int8_state
+
+        m = int8_model(hidden=32)
+    else:
+        m = model()
     peak = watch_gradients([p for p in m.parameters() if p.dim() == 2]) if watch else None  # before the optimizer's hooks
     opt = build(m, name, True, accum=accum, clip=CLIP)
     fwd, out = m, {}
@@ -74,7 +81,9 @@ def run_plain(name: str, watch: bool = False, accum: int = ACCUM, steps: int = S
         opt.step()
         opt.zero_grad()
         norms.append(opt.last_grad_norm)
-    out.update(losses=losses, norms=norms, params=[p.detach().clone() for p in m.parameters()])
+    out.update(losses=losses, norms=norms, params=[p.detach().clone() for p in m.parameters() if 0 not in p.stride()])
+    if int8:
+        out["int8"] = int8_state(m)
     if peak is not None:
         out["peak"] = dict(peak)
     return out
@@ -134,6 +143,7 @@ def main(out_dir: str) -> None:
     try:
         for name in PLAIN:
             torch.save(run_plain(name), os.path.join(out_dir, f"plain-{name}-{rank}.pt"))
+        torch.save(run_plain(INT8_OPTIM, int8=True, steps=INT8_STEPS), os.path.join(out_dir, f"int8-{INT8_OPTIM}-{rank}.pt"))
         torch.save(run_plain("galore", watch=True, accum=1, steps=2), os.path.join(out_dir, f"peak-galore-{rank}.pt"))
         torch.save({"error": unwrapped_error()}, os.path.join(out_dir, f"unwrapped-{rank}.pt"))
         for name in TRAINER:
