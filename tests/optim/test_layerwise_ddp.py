@@ -1,8 +1,8 @@
 """Layer-wise optimizers under DDP: one torchrun launch (2 CPU processes, gloo) runs GaLore,
 APOLLO-Mini and FRUGAL layer-wise with gradient accumulation and clipping, through a plain loop and
-through transformers.Trainer with the EfftPlugin, and GaLore on trainable int8 weights. Losses and final weights equal one process on the
-same global batch (fp32, atol 1e-5), the ranks are bitwise equal, and DDP's reducer holds none of
-the layer-wise gradients."""
+through transformers.Trainer with the EfftPlugin, and GaLore on trainable int8 weights. Losses and
+final weights equal one process on the same global batch (fp32, atol 1e-5), the ranks are bitwise
+equal, and DDP's reducer holds none of the layer-wise gradients."""
 import os
 import socket
 import subprocess
