@@ -408,6 +408,10 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ValueError("Int8LayerwiseOptimizer: one process only (DDP would all-reduce the gradients after the hooks "
+                             "that consume them); under DDP use efft.optim's layer-wise mode (recipe optim.layerwise: "
+                             "true, or efft.optim.LayerwiseOptimizer), which drives int8 weights too")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         super().__init__(params, dict(optimizer.defaults))
         self.inner = optimizer

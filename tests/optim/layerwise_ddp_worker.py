@@ -105,6 +105,20 @@ def unwrapped_error() -> str:
     return ""
 
 
+def int8_layerwise_error() -> str:
+    """Int8LayerwiseOptimizer (the int8 package's own layer-wise driver) refuses several processes."""
+    from efft.optim import APOLLOAdamW
+    from efft.quant.trainable import Int8LayerwiseOptimizer
+    from tests.quantized_ft.helpers import apollo_mini_groups, int8_model
+
+    m = int8_model(hidden=32)
+    try:
+        Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(m)))
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def run_trainer(name: str, out_dir: str) -> dict:
     """transformers.Trainer with the EfftPlugin (Trainer/accelerate wrap the model in DDP)."""
     from transformers import Trainer
@@ -145,7 +159,8 @@ def main(out_dir: str) -> None:
             torch.save(run_plain(name), os.path.join(out_dir, f"plain-{name}-{rank}.pt"))
         torch.save(run_plain(INT8_OPTIM, int8=True, steps=INT8_STEPS), os.path.join(out_dir, f"int8-{INT8_OPTIM}-{rank}.pt"))
         torch.save(run_plain("galore", watch=True, accum=1, steps=2), os.path.join(out_dir, f"peak-galore-{rank}.pt"))
-        torch.save({"error": unwrapped_error()}, os.path.join(out_dir, f"unwrapped-{rank}.pt"))
+        torch.save({"error": unwrapped_error(), "int8_error": int8_layerwise_error()},
+                   os.path.join(out_dir, f"unwrapped-{rank}.pt"))
         for name in TRAINER:
             torch.save(run_trainer(name, os.path.join(out_dir, f"trainer-{name}")),
                        os.path.join(out_dir, f"trainer-{name}-{rank}.pt"))

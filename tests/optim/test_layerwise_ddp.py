@@ -97,6 +97,12 @@ def test_unwrapped_model_is_refused(runs):
         assert "differ between ranks" in err and "DistributedDataParallel" in err
 
 
+def test_int8_layerwise_optimizer_refuses_several_processes(runs):
+    for r in (0, 1):
+        err = torch.load(runs / f"unwrapped-{r}.pt", weights_only=True)["int8_error"]
+        assert "one process only" in err and "optim.layerwise" in err
+
+
 def test_int8_trainable_weights_equal_single_process(runs):
     """Trainable int8 weights (grad carriers) driven by the factory's layer-wise GaLore: the ranks hold
     bitwise equal codes; against one process the gradients agree to fp32 rounding, so a
