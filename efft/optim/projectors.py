@@ -13,6 +13,7 @@ seeded choice of rows/columns (FRUGAL's coordinate blocks).
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import torch
@@ -88,15 +89,20 @@ def mix_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-_generators: dict = {}
+_generators = threading.local()
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
-    """A generator for ``device`` reseeded with ``seed`` (one kept per device: cheaper than new)."""
+    """A generator for ``device`` reseeded with ``seed``; one kept per device and thread (cheaper
+    than a new one; per thread because offload's workers step parameters concurrently, and a
+    shared one could be reseeded by another worker between this seeding and the draw)."""
     device = torch.device(device)
-    gen = _generators.get(device)
+    cache = getattr(_generators, "by_device", None)
+    if cache is None:
+        cache = _generators.by_device = {}
+    gen = cache.get(device)
     if gen is None:
-        gen = _generators[device] = torch.Generator(device=device)
+        gen = cache[device] = torch.Generator(device=device)
     return gen.manual_seed(seed)
 
 
