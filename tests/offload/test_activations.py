@@ -373,3 +373,36 @@ def test_inplace_after_save_uses_the_saved_values():
         grads.append([p.grad for p in net.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert h.stats["offloaded"] > 0
+
+
+@pytest.mark.parametrize("adapter", ["lora", "peqa"])
+def test_quantized_base_bitwise_and_packed_weights_never_copied(adapter):
+    """QLoRA / PEQA on an NF4 base: the adapter gradients are bitwise those without offload, and the
+    packed 4-bit weights the quantized matmul saves for backward stay where they are (buffers)."""
+    from efft.offload.activations import _Kept
+    from efft.quant import quantize_model
+    from efft.quant.peft import apply_lora
+    from efft.quant.peqa import prepare_peqa
+    from tests.tiny import tiny_model
+
+    grads, copied = [], []
+    for offload in (False, True):
+        base = quantize_model(tiny_model("llama", layers=LAYERS), type="nf4", compute_dtype="float32")
+        m = apply_lora(base, {"type": "lora", "r": 4, "lora_alpha": 8}) if adapter == "lora" else prepare_peqa(base)
+        m.train()
+        if offload:
+            h = enable_activation_offload(m, cfg())
+            pack = h._pack
+
+            def recording(t, pack=pack):  # the dtype of every tensor given a host copy
+                obj = pack(t)
+                if not isinstance(obj, _Kept):
+                    copied.append(t.dtype)
+                return obj
+
+            h._pack = recording
+        m(**batches(0)[0]).loss.backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    assert grads[0] and all(torch.equal(a, b) for a, b in zip(*grads))
+    assert h.stats["offloaded"] == h.stats["prefetched"] > 0
+    assert copied and torch.uint8 not in copied
