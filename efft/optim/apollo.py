@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .base import ProjectedOptimizer
+from .base import CPU_CHUNK, ProjectedOptimizer
 from .projectors import choose_side, gaussian_basis, mix_seed, next_seed, project, refresh_due, svd_basis
 
 SCALE_TYPES = ("channel", "tensor")
@@ -130,6 +130,23 @@ class APOLLOAdamW(ProjectedOptimizer):
             else:
                 state["scaled_grad_norm"] = full_norm.reshape(())
         factor = factor * math.sqrt(group["scale"])
-        p.addcmul_(grad, factor.to(p.dtype), value=-step_size)
-        if group["weight_decay"] > 0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        if factor.dtype != p.dtype:
+            factor = factor.to(p.dtype)
+        decay = group["lr"] * group["weight_decay"]
+        # Update, then decay (the authors' order and rounding); on CPU both ops run on row slices so
+        # the decay finds the slice in cache instead of streaming p through memory a second time.
+        for pr, gr, fr in _row_slices(p, grad, factor, decay > 0):
+            pr.addcmul_(gr, fr, value=-step_size)
+            if decay > 0:
+                pr.add_(pr, alpha=-decay)
+
+
+def _row_slices(p: torch.Tensor, grad: torch.Tensor, factor: torch.Tensor, sliced: bool):
+    """(p, grad, factor) whole, or in matching slices of about base.CPU_CHUNK elements (rows) on CPU
+    when ``sliced``; ``factor`` is a column (one per row, sliced along) or a row/scalar (shared)."""
+    rows = max(1, CPU_CHUNK // max(1, p.shape[1]))
+    if not sliced or p.device.type != "cpu" or p.shape[0] <= rows or not (p.is_contiguous() and grad.is_contiguous()):
+        return [(p, grad, factor)]
+    per_row = factor.dim() == 2 and factor.shape[0] == p.shape[0] and p.shape[0] > 1
+    return [(p[i:i + rows], grad[i:i + rows], factor[i:i + rows] if per_row else factor)
+            for i in range(0, p.shape[0], rows)]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from efft.optim import APOLLOAdamW, GaLoreAdamW, base
+from efft.optim import apollo as apollo_module
 
 from .helpers import groups, max_diff, model, train
 
@@ -63,3 +64,27 @@ def test_plain_adamw_part_matches_the_authors_adamw_bitwise():
         our_opt.step()
     assert all(torch.equal(a, b) for a, b in zip(ref, ours))
     assert (ours[0] - start).abs().min() > 0  # every element moved
+
+
+@pytest.mark.parametrize("shape", [(600, 512), (512, 600)], ids=["per-row-scale", "per-column-scale"])
+def test_apollo_sliced_update_with_decay_matches_apollo_torch(shape, monkeypatch):
+    # Weights over base.CPU_CHUNK elements take the update + decay in row slices on CPU.
+    assert shape[0] * shape[1] > base.CPU_CHUNK
+    lowrank = dict(rank=4, update_proj_gap=3, scale=1.0, proj_type="std", proj="random", scale_type="channel")
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(shape, generator=gen) * 0.02
+    grads = [torch.randn(shape, generator=gen) * 1e-3 for _ in range(6)]
+
+    def run(opt_cls):
+        w, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(torch.zeros(shape[0]))
+        opt = opt_cls([{"params": [b]}, {"params": [w], **lowrank}], **KW)
+        for g in grads:
+            w.grad, b.grad = g.clone(), g[:, 0].clone()
+            opt.step()
+        return w.detach()
+
+    ours, ref = run(APOLLOAdamW), run(apollo_torch.APOLLOAdamW)
+    assert (ours - ref).abs().max() < 1e-6
+    assert (ours - init).abs().max() > 1e-3
+    monkeypatch.setattr(apollo_module, "CPU_CHUNK", 1 << 40)  # one slice: the unsliced ops
+    assert torch.equal(run(APOLLOAdamW), ours)
