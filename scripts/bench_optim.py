@@ -9,15 +9,23 @@ refreshes, stagger off so each refresh step refreshes every matrix). State bytes
 the tensors in ``optimizer.state`` (plus the projection matrices the peers keep inside projector
 objects). Ratios are to torch AdamW. Writes a section of cards/optim.md.
 
+Two "GEMM floor" rows time only the matrix products a projected step cannot avoid (P^T G for
+APOLLO; P^T G and the back-projection accumulated into the weight with ``addmm_`` for GaLore) with
+fixed bases, in the same rounds: what no implementation of the method can go under on the device.
+
     python scripts/bench_optim.py                 # CPU shapes (hidden 1024)
     python scripts/bench_optim.py --shapes 7b     # two LLaMA-7B layers + embeddings, on a GPU
+    python scripts/bench_optim.py --shapes 7b-mats --steps 4 --refresh-gap 1000 \
+        --only AdamW galore-torch "efft GaLore (rsvd)" APOLLO floor   # one 4096x4096 + one 4096x11008
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -30,27 +38,41 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from efft.optim import APOLLOAdamW, FRUGAL, GaLoreAdamW  # noqa: E402
+from efft.optim.projectors import add_back_projected_, choose_side, gaussian_basis, project  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, kv dim, layers, vocab
     "cpu": dict(hidden=1024, inter=2752, kv=1024, layers=2, vocab=4096),
     "small": dict(hidden=256, inter=688, kv=256, layers=2, vocab=2048),
     "7b": dict(hidden=4096, inter=11008, kv=4096, layers=2, vocab=32000),
+    # one LLaMA-7B q_proj-like and one down_proj-like matrix, no embeddings (CPU-sized 7B check)
+    "7b-mats": dict(mats=[(4096, 4096), (4096, 11008)], hidden=4096),
 }
+
+
+def param_shapes(spec):
+    """(low-rank matrix shapes, plain AdamW shapes) of a SHAPES entry."""
+    if "mats" in spec:  # the listed matrices, and one norm weight for the plain group
+        return list(spec["mats"]), [(spec["hidden"],)]
+    h, i, kv, v = spec["hidden"], spec["inter"], spec["kv"], spec["vocab"]
+    low, rest = [], [(v, h), (v, h)]  # embeddings, lm_head
+    for _ in range(spec["layers"]):
+        low += [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+        rest += [(h,), (h,)]
+    rest.append((h,))
+    return low, rest
 
 
 def make_params(spec, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    h, i, kv, v = spec["hidden"], spec["inter"], spec["kv"], spec["vocab"]
+    low, rest = param_shapes(spec)
 
-    def w(m, n):
-        return torch.nn.Parameter((torch.randn(m, n, generator=g) * 0.02).to(device))
+    def w(shape):
+        return torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device))
 
-    low, rest = [], [w(v, h), w(v, h)]  # embeddings, lm_head
-    for _ in range(spec["layers"]):
-        low += [w(h, h), w(kv, h), w(kv, h), w(h, h), w(i, h), w(i, h), w(h, i)]
-        rest += [torch.nn.Parameter(torch.ones(h, device=device)) for _ in range(2)]
-    rest.append(torch.nn.Parameter(torch.ones(h, device=device)))
+    rest = [w(s) if len(s) == 2 else None for s in rest]  # embeddings drawn first
+    low = [w(s) for s in low]
+    rest = [p if p is not None else torch.nn.Parameter(torch.ones(s, device=device)) for p, s in zip(rest, param_shapes(spec)[1])]
     return low, rest
 
 
@@ -74,7 +96,32 @@ def peer_state_bytes(opt) -> int:
                 om = v.ortho_matrix
                 for t in (om if isinstance(om, (list, tuple)) else [om]):
                     total += t.numel() * t.element_size()
+    for _, basis in getattr(opt, "_proj_cache", {}).values():  # efft APOLLO's opt-in cached projection
+        total += basis.numel() * basis.element_size()
     return total
+
+
+class GemmFloor:
+    """The matrix products of a projected step alone, with fixed Gaussian bases of the same shapes:
+    R = P^T G (APOLLO) and, with ``back``, p += a P R accumulated with ``addmm_`` (GaLore). No Adam,
+    no statistics, no refresh, nothing for the other parameters: a lower bound on any
+    implementation's step, timed in the same rounds as the optimizers."""
+
+    def __init__(self, groups, back: bool):
+        self.low = [p for g in groups if "rank" in g for p in g["params"]]
+        rank = next(g["rank"] for g in groups if "rank" in g)
+        self.sides = [choose_side(tuple(p.shape), "std") for p in self.low]
+        self.bases = [gaussian_basis(tuple(p.shape), min(rank, *p.shape), s, i, p.device, p.dtype)
+                      for i, (p, s) in enumerate(zip(self.low, self.sides))]
+        self.back = back
+        self.state = {}
+
+    @torch.no_grad()
+    def step(self):
+        for p, basis, side in zip(self.low, self.bases, self.sides):
+            r = project(p.grad, basis, side)
+            if self.back:
+                add_back_projected_(p, r, basis, side, alpha=-1e-6)  # alpha != 0: BLAS skips A B at 0
 
 
 def candidates(args):
@@ -115,10 +162,15 @@ def candidates(args):
         out[f"efft GaLore (svd){tag}"] = (lowrank(scale=0.25), lambda g, b=bits: GaLoreAdamW(g, lr=1e-3, state_bits=b), True)
         out[f"efft GaLore (rsvd){tag}"] = (lowrank(scale=0.25), lambda g, b=bits: GaLoreAdamW(g, lr=1e-3, projector="rsvd", state_bits=b), True)
         out[f"efft APOLLO{tag}"] = (lowrank(scale=1.0, scale_type="channel"), lambda g, b=bits: APOLLOAdamW(g, lr=1e-3, state_bits=b), True)
+        out[f"efft APOLLO (cache_projection){tag}"] = (
+            lowrank(scale=1.0, scale_type="channel"),
+            lambda g, b=bits: APOLLOAdamW(g, lr=1e-3, state_bits=b, cache_projection=True), True)
         out[f"efft APOLLO-Mini{tag}"] = (
             lambda low, rest: [{"params": rest}, {"params": low, "rank": 1, "update_proj_gap": gap, "scale": 128.0, "scale_type": "tensor"}],
             lambda g, b=bits: APOLLOAdamW(g, lr=1e-3, state_bits=b), True)
         out[f"efft FRUGAL (block){tag}"] = (lowrank(projector="block", density=0.25), lambda g, b=bits: FRUGAL(g, lr=1e-3, state_bits=b), True)
+    out["GEMM floor: APOLLO (P^T G)"] = (lowrank(), lambda g: GemmFloor(g, back=False), False)
+    out["GEMM floor: GaLore (P^T G + addmm_ back)"] = (lowrank(), lambda g: GemmFloor(g, back=True), False)
     return out
 
 
@@ -164,9 +216,15 @@ def bench_all(cands, spec, device, args):
         refresh_steps = list(range(gap, args.steps, gap)) if r["projected"] else []
         ordinary = [t for s, t in enumerate(times) if s > 0 and s not in refresh_steps]
         med = statistics.median(ordinary)
-        refresh = max(0.0, statistics.median([times[s] for s in refresh_steps]) - med) if refresh_steps else 0.0
+        if refresh_steps:
+            refresh = max(0.0, statistics.median([times[s] for s in refresh_steps]) - med)
+        elif r["projected"]:  # only the first step refreshed (gap >= steps): it also allocates the state
+            refresh = max(0.0, times[0] - med)
+        else:
+            refresh = 0.0
         results[name] = dict(median_s=med, refresh_s=refresh, amortized_s=med + refresh / args.gap, first_step_s=times[0],
-                             state_bytes=peer_state_bytes(r["opt"]), times_s=times)
+                             state_bytes=None if isinstance(r["opt"], GemmFloor) else peer_state_bytes(r["opt"]),
+                             times_s=times)
     return results
 
 
@@ -212,17 +270,26 @@ def main(argv=None):
     results = bench_all(cands, spec, device, args)
     for name, r in results.items():
         print(f"{name:28s} " + (r["error"] if "error" in r else
-              f"median {r['median_s']*1e3:8.1f} ms  refresh {r['refresh_s']*1e3:9.1f} ms  amortized {r['amortized_s']*1e3:8.1f} ms  state {r['state_bytes']/2**20:8.1f} MiB"), flush=True)
+              f"median {r['median_s']*1e3:8.1f} ms  refresh {r['refresh_s']*1e3:9.1f} ms  amortized {r['amortized_s']*1e3:8.1f} ms"), flush=True)
     base = results.get("torch AdamW", {})
-    h, i, kv, v, L = spec["hidden"], spec["inter"], spec["kv"], spec["vocab"], spec["layers"]
-    n_params = 2 * v * h + L * (2 * h * h + 2 * kv * h + 3 * i * h + 2 * h) + h
+    n_params = sum(math.prod(s) for shapes in param_shapes(spec) for s in shapes)
+    if "mats" in spec:
+        shapes = " + ".join(f"{m}x{n}" for m, n in spec["mats"]) + " (low-rank) and one norm weight (AdamW)"
+    else:
+        shapes = (f"hidden {spec['hidden']}, intermediate {spec['inter']}, {spec['layers']} layers, vocab {spec['vocab']}")
+    if args.refresh_gap >= args.steps:
+        refresh_how = ("refresh cost = first step - median step (only the first step refreshes; it also allocates "
+                       "the state, so the refresh is over-counted alike for every optimizer)")
+    else:
+        refresh_how = f"refresh cost measured on refresh steps every {args.refresh_gap} steps (warm)"
+    cmd = shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"## Step time and optimizer state ({args.shapes} shapes, rank {args.rank})",
         "",
-        f"Device: {environment(device)}. Shapes: hidden {spec['hidden']}, intermediate {spec['inter']}, "
-        f"{spec['layers']} layers, vocab {spec['vocab']} ({n_params/1e6:.1f}M parameters, fp32); rank {args.rank} "
-        f"(APOLLO-Mini 1), refresh cost amortized over update_proj_gap={args.gap}. Median of {args.steps} steps, "
-        f"the optimizers stepped in turn (one step each per round) in one process; `python scripts/bench_optim.py --shapes {args.shapes}`.",
+        f"Device: {environment(device)}. Shapes: {shapes} ({n_params/1e6:.1f}M parameters, fp32); rank {args.rank} "
+        f"(APOLLO-Mini 1); {refresh_how}, amortized over update_proj_gap={args.gap}. Median of the steps after the first "
+        f"({args.steps} in all), the optimizers stepped in turn (one step each per round) in one process; "
+        f"`python scripts/bench_optim.py {cmd}`.",
         "",
         "| optimizer | median step (ms) | refresh (ms, all matrices) | amortized step (ms) | x AdamW | state (MiB) | x AdamW |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -232,15 +299,22 @@ def main(argv=None):
             lines.append(f"| {name} | failed: {r['error']} | | | | | |")
             continue
         tr = r["amortized_s"] / base["amortized_s"] if base else float("nan")
-        sr = r["state_bytes"] / base["state_bytes"] if base else float("nan")
-        lines.append(f"| {name} | {r['median_s']*1e3:.1f} | {r['refresh_s']*1e3:.0f} | {r['amortized_s']*1e3:.1f} | {tr:.2f} | "
-                     f"{r['state_bytes']/2**20:.1f} | {sr:.3f} |")
-    g_peer, g_ours = results.get("galore-torch GaLore", {}), results.get("efft GaLore (rsvd)", {})
-    if "amortized_s" in g_peer and "amortized_s" in g_ours:
-        lines += ["", f"efft GaLore (rsvd) / galore-torch amortized step: {g_ours['amortized_s']/g_peer['amortized_s']:.2f} (target <= 0.5)."]
-    for n in ("efft APOLLO", "efft APOLLO-Mini"):
+        if r["state_bytes"] is None:
+            state = "- | -"
+        else:
+            sr = r["state_bytes"] / base["state_bytes"] if base else float("nan")
+            state = f"{r['state_bytes']/2**20:.1f} | {sr:.3f}"
+        lines.append(f"| {name} | {r['median_s']*1e3:.1f} | {r['refresh_s']*1e3:.0f} | {r['amortized_s']*1e3:.1f} | {tr:.2f} | {state} |")
+    lines.append("")
+    g_peer = results.get("galore-torch GaLore", {})
+    for n in ("efft GaLore (rsvd)", "efft GaLore (svd)", "GEMM floor: GaLore (P^T G + addmm_ back)"):
+        if "amortized_s" in g_peer and "amortized_s" in results.get(n, {}):
+            what = "(target <= 0.5)" if n.startswith("efft") else "(no GaLore step can go under this on this device)"
+            lines.append(f"{n} / galore-torch amortized step: {results[n]['amortized_s']/g_peer['amortized_s']:.2f} {what}.")
+    for n in ("efft APOLLO", "efft APOLLO (cache_projection)", "efft APOLLO-Mini", "GEMM floor: APOLLO (P^T G)"):
         if "amortized_s" in results.get(n, {}) and base:
-            lines.append(f"{n} / torch AdamW amortized step: {results[n]['amortized_s']/base['amortized_s']:.2f} (target <= 1.5).")
+            what = "(target <= 1.5)" if n.startswith("efft") else "(the rank-r projection alone)"
+            lines.append(f"{n} / torch AdamW amortized step: {results[n]['amortized_s']/base['amortized_s']:.2f} {what}.")
     if args.note:
         lines += ["", args.note]
     section = "\n".join(lines)
