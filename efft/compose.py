@@ -23,6 +23,10 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems += sparsity_problems(recipe.sparsity)
     problems += int8_training_problems(recipe)
     problems += offload_problems(recipe)
+    if recipe.train.fsdp:
+        from efft.integrations.fsdp import fsdp_problems
+
+        problems += fsdp_problems(recipe)
     return problems
 
 
@@ -101,35 +105,41 @@ def save_final(trainer, tokenizer, out_dir, recipe: Recipe):
     """The trained result in the form each method loads back from, under ``out_dir`` (rank 0 only):
     peft adapters; PEQA as a 4-bit (bitsandbytes-layout) model; int8-trained weights as a plain
     bf16 ``from_pretrained`` model plus the int8 file; PaCA's trained columns as a small adapter;
-    otherwise the full model. All safetensors."""
+    otherwise the full model. All safetensors. Under FSDP every rank must call it (gathers)."""
     from pathlib import Path
 
+    from efft.integrations.fsdp import full_parameters
+
     out_dir = Path(out_dir)
-    if recipe.quant.trainable or recipe.adapter.type == "peqa" or recipe.sparsity.partial.enabled:
-        if not trainer.is_world_process_zero():
-            return out_dir
-        model = trainer.model
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if recipe.quant.trainable:
-            from efft.quant.trainable import export_full_precision, save_int8_checkpoint
-
-            export_full_precision(model, out_dir)
-            save_int8_checkpoint(model, out_dir / "int8" / "model.safetensors")
-        elif recipe.adapter.type == "peqa":
-            from efft.quant import save_quantized
-            from efft.quant.peqa import export_peqa
-
-            save_quantized(export_peqa(model), str(out_dir))
+    with full_parameters(trainer.model):  # FSDP: every rank gathers, rank 0 writes
+        if recipe.quant.trainable or recipe.adapter.type == "peqa" or recipe.sparsity.partial.enabled:
+            if trainer.is_world_process_zero():
+                _save_exported(trainer.model, tokenizer, out_dir, recipe)
         else:
-            from efft.sparsity.partial import save_partial
-
-            save_partial(model, out_dir)
-            model.config.save_pretrained(out_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-    else:
-        trainer.save_model(str(out_dir))  # adapters only for peft models; tokenizer included
+            trainer.save_model(str(out_dir))  # adapters only for peft models; tokenizer included
     return out_dir
+
+
+def _save_exported(model, tokenizer, out_dir, recipe: Recipe) -> None:
+    """save_final's forms that are not ``save_pretrained``: int8, PEQA's 4-bit layout, PaCA's columns."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.quant.trainable:
+        from efft.quant.trainable import export_full_precision, save_int8_checkpoint
+
+        export_full_precision(model, out_dir)
+        save_int8_checkpoint(model, out_dir / "int8" / "model.safetensors")
+    elif recipe.adapter.type == "peqa":
+        from efft.quant import save_quantized
+        from efft.quant.peqa import export_peqa
+
+        save_quantized(export_peqa(model), str(out_dir))
+    else:
+        from efft.sparsity.partial import save_partial
+
+        save_partial(model, out_dir)
+        model.config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
 
 
 def close_optimizer(optimizer) -> None:

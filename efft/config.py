@@ -117,6 +117,13 @@ SchedulerName = Literal[
 ]
 
 
+class FsdpConfig(Section):
+    """``TrainingArguments.fsdp_config``'s names that efft's FSDP2 sharding uses."""
+
+    version: Literal[2] = Field(2, description="FSDP2 (fully_shard) only; FSDP1 is deprecated in transformers.")
+    reshard_after_forward: bool = Field(True, description="Free the gathered layer after its forward (gather again for backward).")
+
+
 class TrainConfig(Section):
     """A subset of ``transformers.TrainingArguments``, same names and meanings."""
 
@@ -147,6 +154,9 @@ class TrainConfig(Section):
     dataloader_num_workers: int = Field(0, ge=0)
     use_cpu: bool = False
     report_to: list[str] = Field(default_factory=list)
+    fsdp: bool = Field(False, description="Shard parameters, gradients and optimizer state over the torchrun ranks "
+                                          "with FSDP2 (efft applies fully_shard per decoder layer).")
+    fsdp_config: FsdpConfig = Field(default_factory=FsdpConfig)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -346,6 +356,12 @@ def _combination_problems(r: Recipe) -> list[tuple[str, str]]:
         p.append(("train.fp16", "fp16 training with a bfloat16 quant.compute_dtype: set quant.compute_dtype: float16"))
     if r.train.eval_steps and r.data.eval_fraction == 0:
         p.append(("train.eval_steps", "evaluation needs held-out data: set data.eval_fraction (e.g. 0.05)"))
+    if r.train.fsdp_config != FsdpConfig() and not r.train.fsdp:
+        p.append(("train.fsdp_config", "FSDP settings given but train.fsdp is false: set train.fsdp: true, or drop fsdp_config"))
+    if r.train.fsdp and r.train.resume_from_checkpoint:
+        p.append(("train.resume_from_checkpoint", "checkpoints of an FSDP run hold the model only (transformers saves no "
+                                                  "optimizer state for a model sharded outside it), so a resumed run "
+                                                  "would restart its optimizer; resume under DDP, or start anew"))
     if r.data.eval_fraction > 0 and not r.train.eval_steps:
         p.append(("data.eval_fraction", "examples are held out but never evaluated: set train.eval_steps"))
     return p

@@ -203,6 +203,8 @@ class EfftPlugin:
             raise TypeError("trainer_kwargs(model, args): pass the TrainingArguments you give Trainer "
                             f"(the optimizer's lr, betas, clipping come from them), got {type(args).__name__}")
         check_training_arguments(self.recipe, args)
+        if self.recipe.train.fsdp:
+            self._shard(model, args)
         tracker = None
         off = self.recipe.offload
         if off.optimizer or off.activations or off.weights:
@@ -217,7 +219,22 @@ class EfftPlugin:
         extra = list(getattr(optimizer, "trainer_callbacks", lambda: [])())
         if self.recipe.sparsity.loss_tokens.enabled:
             extra.append(LabelRowsCallback())
+        if self.recipe.train.fsdp:
+            from efft.integrations.fsdp import gather_for_checkpoints
+
+            extra.append(gather_for_checkpoints())
         return {"optimizers": (optimizer, None), "callbacks": [self.callback, *extra]}
+
+    def _shard(self, model, args: TrainingArguments) -> None:
+        """FSDP2 over the launch's ranks, before the optimizer is built on the sharded parameters."""
+        from efft.config import RecipeError
+        from efft.integrations.fsdp import is_sharded, shard_model
+
+        if args.world_size < 2:  # reading it also starts the process group under torchrun
+            raise RecipeError([("train.fsdp", "FSDP shards over several processes: launch with torchrun --nproc_per_node N "
+                                              "(this process is alone)")])
+        if not is_sharded(model):
+            shard_model(model, reshard_after_forward=self.recipe.train.fsdp_config.reshard_after_forward)
 
     @staticmethod
     def last_checkpoint(output_dir) -> str | None:
@@ -236,18 +253,31 @@ def check_training_arguments(recipe, args: TrainingArguments) -> None:
     q = recipe.quant
     if q.type != "none" and args.fp16 and q.compute_dtype == "bfloat16":
         problems.append(("quant.compute_dtype", "bfloat16 compute with TrainingArguments.fp16=True: use bf16=True or compute_dtype float16"))
-    if (recipe.optim.layerwise or recipe.offload.optimizer) and (args.deepspeed or args.fsdp):
+    if (recipe.optim.layerwise or recipe.offload.optimizer) and args.deepspeed:
         problems.append(("optim.layerwise" if recipe.optim.layerwise else "offload.optimizer",
-                         "updates inside backward cannot run under DeepSpeed or FSDP; use DDP (torchrun) or turn it off"))
-    if q.type != "none" and (args.deepspeed or args.fsdp):
-        problems.append(("quant.type", f"{q.type} weights are packed integer buffers that FSDP/DeepSpeed cannot shard; "
-                                       "use DDP (torchrun), where each rank holds the quantized model"))
-    if recipe.optim.name in ("galore", "apollo", "apollo_mini", "frugal") and args.fsdp:
-        problems.append(("optim.name", f"{recipe.optim.name} projects whole 2-D gradients; FSDP shards them. Use DDP"))
+                         "updates inside backward cannot run under DeepSpeed; use DDP (torchrun) or turn it off"))
+    if q.type != "none" and args.deepspeed:
+        problems.append(("quant.type", f"{q.type} weights are packed integer buffers that DeepSpeed cannot shard; "
+                                       "use DDP (torchrun), where each rank holds the quantized model, or train.fsdp"))
+    if args.fsdp:
+        from efft.integrations.fsdp import fsdp_problems
+
+        problems.append(("TrainingArguments.fsdp", "efft shards the model itself: set train.fsdp: true in the recipe and leave "
+                                                   "TrainingArguments.fsdp unset (accelerate runs its FSDP only on accelerators, "
+                                                   "silently DDP on CPU, and Trainer refuses a given optimizer under it)"))
+        if not recipe.train.fsdp:
+            problems += fsdp_problems(recipe)
+    if recipe.train.fsdp and str(getattr(args.save_strategy, "value", args.save_strategy)) != "no" and not args.save_only_model:
+        problems.append(("TrainingArguments.save_only_model", "train.fsdp: transformers writes no optimizer state for a "
+                                                              "model sharded outside it; set save_only_model=True "
+                                                              "(or save_strategy='no')"))
+    if recipe.train.fsdp and args.deepspeed:
+        problems.append(("train.fsdp", "FSDP and TrainingArguments.deepspeed both shard the model: choose one"))
     explicit = recipe.train.model_fields_set
     for name in sorted(explicit):
         if hasattr(args, name) and name not in ("output_dir", "report_to", "resume_from_checkpoint", "use_cpu",
-                                                "gradient_checkpointing"):  # renamed activation_checkpointing
+                                                "gradient_checkpointing",  # renamed activation_checkpointing
+                                                "fsdp", "fsdp_config"):  # efft shards itself (efft.integrations.fsdp)
             mine, theirs = getattr(recipe.train, name), getattr(args, name)
             theirs = getattr(theirs, "value", theirs)  # enums such as SchedulerType
             if mine != theirs:
@@ -299,6 +329,8 @@ def training_arguments(recipe, **overrides) -> TrainingArguments:
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         disable_tqdm=False,
+        # transformers keeps no optimizer state for a model sharded outside it (efft's FSDP): model-only checkpoints
+        save_only_model=t.fsdp,
     )
     kw.update(overrides)
     return TrainingArguments(**kw)

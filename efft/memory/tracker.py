@@ -67,8 +67,11 @@ def _storage_nbytes(t: torch.Tensor) -> int:
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
-    """The tensor whose storage holds the data (unwraps Parameter and bitsandbytes Params4bit/Int8Params)."""
-    return t.data if isinstance(t, torch.nn.Parameter) else t
+    """The tensor whose storage holds the data (unwraps Parameter and bitsandbytes Params4bit/Int8Params,
+    and FSDP2's DTensor to the shard this rank holds)."""
+    t = t.data if isinstance(t, torch.nn.Parameter) else t
+    local = getattr(t, "_local_tensor", None)  # DTensor: its storage is not addressable, its shard's is
+    return local if isinstance(local, torch.Tensor) else t
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor], seen: Optional[set] = None) -> int:

@@ -1,0 +1,149 @@
+"""FSDP2 for efft recipes: which features it can carry, and the sharding itself.
+
+efft applies ``torch.distributed.fsdp.fully_shard`` itself (each decoder layer, then the root) instead
+of going through ``TrainingArguments.fsdp``: accelerate 1.15 keeps its FSDP plugin only on
+accelerators (on CPU it silently trains with DDP instead), and Trainer refuses an optimizer passed in
+under its own FSDP. The sharded model is marked the way transformers marks a model sharded at load
+time (``is_distributed_loading_by_transformers``), so Trainer neither wraps it in DDP nor shards it
+again, and averages the gradients of trainable parameters that FSDP does not hold.
+
+Packed quantized weights are buffers, not parameters: FSDP2 leaves them whole on every rank (the
+quantized base is replicated, as under DDP) and shards the float parameters beside them (LoRA
+matrices, PEQA scales, biases).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+PROJECTED = ("galore", "apollo", "apollo_mini", "frugal")
+
+
+def fsdp_problems(recipe: Any) -> list[tuple[str, str]]:
+    """What FSDP2 cannot carry in this recipe, as ``(path, reason)`` pairs (empty when all can run).
+
+    Each reason was seen when the combination ran on 2 CPU processes: an error, or results that differ
+    from one process on the same global batch (PaCA)."""
+    p: list[tuple[str, str]] = []
+    o, q, off, sp = recipe.optim, recipe.quant, recipe.offload, recipe.sparsity
+    if o.name in PROJECTED:
+        p.append(("optim.name", f"{o.name} projects each 2-D weight's gradient as a whole (SVD, channel norms or a block "
+                                "choice over the full matrix); FSDP2 hands each rank a row shard of it, and gathering it "
+                                "back would put every full gradient on every rank. Use DDP (torchrun without train.fsdp)"))
+    if o.layerwise:
+        p.append(("optim.layerwise", "layer-wise updates run in one process only (the optimizer refuses several); "
+                                     "under FSDP use optim.layerwise: false"))
+    if o.name == "adamw8bit" or (o.name == "adamw" and o.state_bits == 8 and not o.layerwise):
+        p.append(("optim.state_bits" if o.name == "adamw" else "optim.name",
+                  "bitsandbytes' 8-bit AdamW runs its kernels on plain tensors and cannot step FSDP2's sharded "
+                  "(DTensor) parameters. Use optim.state_bits: 32 under FSDP, or DDP"))
+    if q.trainable:
+        p.append(("quant.trainable", "trainable int8 weights keep a 4-byte stride-0 carrier parameter (the codes are "
+                                     "buffers), which FSDP2 cannot split into row shards. Use DDP"))
+    if sp.partial.enabled:
+        p.append(("sparsity.partial.enabled", "PaCA writes its trained columns into the gathered weight during the "
+                                              "forward; FSDP2 gathers the weight again from its unchanged shards for "
+                                              "backward, so input gradients would use stale columns. Use DDP"))
+    if off.activations:
+        p.append(("offload.activations", "activation offload tells weights from activations by their storage when the "
+                                         "layers start; FSDP2 gathers each layer's weights into new storage during the "
+                                         "forward, so they would be copied to host as activations. Use DDP"))
+    return p
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (``_no_split_modules`` classes of the transformers model inside)."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"shard_model: {type(model).__name__} names no decoder-layer classes (_no_split_modules); "
+                         "FSDP needs a transformers model")
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` each decoder layer, then the root, over all ranks of the default process group.
+
+    Call after the model is prepared (quantized, adapters, sparsity) and before the optimizer is built,
+    so that the optimizer holds the sharded parameters."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("shard_model: no process group; launch with torchrun (or accelerate launch)")
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    # transformers' mark for a model that owns its placement and gradient reduction (see module doc); a
+    # peft wrapper reads it from the transformers model inside
+    for m in model.modules():
+        if hasattr(type(m), "is_distributed_loading_by_transformers"):
+            m._is_distributed_loading_by_transformers = True
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def full_parameters(model: nn.Module):
+    """Inside: a sharded model's parameters are whole on every rank, and ``model.state_dict()`` gives
+    whole tensors, so saving code (``save_pretrained``, peft's, PaCA's and PEQA's exports) runs
+    unchanged on rank 0. Every rank must enter (it gathers). Not sharded: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    for m in units:
+        m.unshard()
+    # FSDP2's state_dict pre-hook reshards first and hands out the shards; while inside, the model's
+    # state_dict() is read from the gathered modules as they are now (so exports that swap modules,
+    # like PEQA's, see their result), without gathering again
+    model.state_dict = lambda *a, **k: _state_dict_of(model)
+    try:
+        yield model
+    finally:
+        del model.state_dict
+        for m in units:
+            m.reshard()
+
+
+def _state_dict_of(module: nn.Module, prefix: str = "", out: dict | None = None) -> dict:
+    """``module.state_dict()`` without its hooks: each module's own ``_save_to_state_dict`` (custom
+    layouts such as QuantLinear's bitsandbytes keys included), children in registration order."""
+    out = {} if out is None else out
+    module._save_to_state_dict(out, prefix, False)
+    for name, child in module._modules.items():
+        if child is not None:
+            _state_dict_of(child, f"{prefix}{name}.", out)
+    return out
+
+
+def gather_for_checkpoints():
+    """A Trainer callback that makes the parameters whole around each checkpoint save: transformers'
+    ``save_pretrained`` writes the tensors it is given, and DTensor shards cannot be written."""
+    from transformers import TrainerCallback
+
+    class GatherForCheckpoints(TrainerCallback):
+        def __init__(self):
+            self._ctx = None
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if control.should_save and model is not None and self._ctx is None:
+                self._ctx = full_parameters(model)
+                self._ctx.__enter__()
+
+        def on_save(self, args, state, control, **kw):
+            if self._ctx is not None:
+                ctx, self._ctx = self._ctx, None
+                ctx.__exit__(None, None, None)
+
+    return GatherForCheckpoints()

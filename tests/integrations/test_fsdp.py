@@ -1,0 +1,193 @@
+"""FSDP2 (``train.fsdp: true``: efft applies ``fully_shard`` per decoder layer) on 2 CPU processes over
+gloo equals one process on the same global batch: losses and the saved final weights (full model,
+peft adapter, PEQA's 4-bit layout) and the last checkpoint. One torchrun launch trains every case, since process start-up
+dominates. Sampled linears draw their rows per rank, so their reference is DDP on the same per-rank
+batches. The combinations FSDP2 cannot carry are refused, all listed, before anything loads.
+
+Tolerance: the sharded run reduce-scatters the mean of two half-batch gradients where one process
+takes one full-batch mean, so fp32 rounding differs (seen: losses within 1e-6, weights within 3e-7
+after 4 AdamW steps); losses are compared to 2e-5 and weights to 1e-5."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from efft import config
+from efft.compose import check_recipe
+from efft.config import RecipeError
+from efft.integrations.transformers import EfftPlugin, check_training_arguments
+from efft.train import train
+from tests.integrations.test_ddp import _free_port, data_path, recipe_dict  # noqa: F401 (data_path: fixture)
+
+NF4 = {"type": "nf4", "compute_dtype": "float32", "blocksize": 32}
+# case -> (sections, the single-process case it must equal, trainable tensors: 2 layers x 7 linears
+# (+ 2 norms each) + embeddings, final norm, lm_head for full fine-tuning; 2 per LoRA linear; 1 per PEQA linear)
+CASES = {
+    "full": ({}, "full", 21),
+    "lora_sparsity": ({"adapter": {"type": "lora", "r": 4, "lora_alpha": 8},
+                       "sparsity": {"loss_tokens": {"enabled": True, "chunk_size": 16},
+                                    "token_elimination": {"enabled": True, "keep_ratio": 0.5, "start_layer": 1}}},
+                      "lora_sparsity", 28),
+    "qlora": ({"quant": NF4, "adapter": {"type": "lora", "r": 4, "lora_alpha": 8}}, "qlora", 28),
+    "peqa": ({"quant": NF4, "adapter": {"type": "peqa"}}, "peqa", 14),
+    "offload_optimizer": ({"offload": {"optimizer": True}}, "full", 21),  # equals plain torch AdamW, one process
+}
+SAMPLED = {"sparsity": {"sampled_linear": {"enabled": True, "keep": 0.5}}}
+
+
+def _fsdp(recipe: dict) -> dict:
+    recipe["train"]["fsdp"] = True
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def runs(data_path, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("fsdp")
+    for ref in sorted({ref for _, ref, _ in CASES.values()}):
+        train(config.validate(recipe_dict(data_path, root / f"single-{ref}", 4, CASES[ref][0])))
+    launch = {f"fsdp-{name}": _fsdp(recipe_dict(data_path, root / f"fsdp-{name}", 2, sections))
+              for name, (sections, _, _) in CASES.items()}
+    launch["fsdp-sampled"] = _fsdp(recipe_dict(data_path, root / "fsdp-sampled", 2, SAMPLED))
+    launch["ddp-sampled"] = recipe_dict(data_path, root / "ddp-sampled", 2, SAMPLED)
+    (root / "launch.json").write_text(json.dumps(launch))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(Path(__file__).with_name("fsdp_worker.py")), str(root / "launch.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return root
+
+
+def _losses(run: Path) -> list[float]:
+    return [l for _, l in json.loads((run / "card.json").read_text())["loss_curve"]]
+
+
+def _assert_same_weights(want_dir: Path, got_dir: Path) -> None:
+    files = sorted(p.name for p in want_dir.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in got_dir.glob("*.safetensors"))
+    for name in files:
+        want, got = load_file(want_dir / name), load_file(got_dir / name)
+        assert want.keys() == got.keys()
+        for k in want:
+            a, b = want[k], got[k]
+            if k.endswith(".quant_state.bitsandbytes__nf4"):  # JSON bytes: compare the values, floats approximately
+                a, b = json.loads(bytes(a.tolist())), json.loads(bytes(b.tolist()))
+                assert b.keys() == a.keys(), k
+                for field in a:
+                    if isinstance(a[field], float):  # nested_offset: the mean of trained absmax values
+                        assert b[field] == pytest.approx(a[field], rel=1e-5), (k, field)
+                    else:
+                        assert b[field] == a[field], (k, field)
+            elif a.is_floating_point():
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=k)
+            else:  # packed codes, int8 absmax codes: bit for bit
+                assert torch.equal(a, b), k
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fsdp_two_processes_equal_one_process(case, runs):
+    ref = CASES[case][1]
+    got, want = _losses(runs / f"fsdp-{case}"), _losses(runs / f"single-{ref}")
+    assert len(got) == len(want) == 4
+    assert got == pytest.approx(want, rel=0, abs=2e-5)
+    _assert_same_weights(runs / f"single-{ref}" / "final", runs / f"fsdp-{case}" / "final")
+    # the end-of-training checkpoint Trainer writes (whole tensors gathered around the save)
+    _assert_same_weights(runs / f"single-{ref}" / "checkpoint-4", runs / f"fsdp-{case}" / "checkpoint-4")
+    # measured on rank 0: it holds half of every trainable parameter and of its AdamW moments; buffers
+    # (the packed quantized base) stay whole on each rank
+    one, two = _memory(runs / f"single-{ref}"), _memory(runs / f"fsdp-{case}")
+    assert two["weights_trainable_bytes"] * 2 == one["weights_trainable_bytes"]  # 0 for PEQA: exported by then
+    assert two["buffers_bytes"] == one["buffers_bytes"]
+    step_bytes = 4 * CASES[case][2]  # AdamW's step count, one fp32 scalar per parameter, is not sharded
+    assert (two["optimizer_state_bytes"] - step_bytes) * 2 == one["optimizer_state_bytes"] - step_bytes
+
+
+def _memory(run: Path) -> dict:
+    return json.loads((run / "card.json").read_text())["memory"]
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_sampled_linear_equals_ddp_on_the_same_per_rank_batches(runs):
+    got, want = _losses(runs / "fsdp-sampled"), _losses(runs / "ddp-sampled")
+    assert len(got) == 4
+    assert got == pytest.approx(want, rel=0, abs=2e-5)
+    _assert_same_weights(runs / "ddp-sampled" / "final", runs / "fsdp-sampled" / "final")
+
+
+def _recipe(**sections) -> dict:
+    return {"model": {"config": {"model_type": "llama"}}, "data": {"path": "data/quickstart.jsonl"},
+            "train": {"fsdp": True}, **sections}
+
+
+@pytest.mark.parametrize("sections, paths", [
+    ({"optim": {"name": "galore", "layerwise": True}, "offload": {"activations": True}},
+     ["optim.name", "optim.layerwise", "offload.activations"]),
+    ({"optim": {"name": "adamw", "state_bits": 8}, "sparsity": {"partial": {"enabled": True}}},
+     ["optim.state_bits", "sparsity.partial.enabled"]),
+    ({"optim": {"name": "adamw8bit"}, "quant": {"type": "int8", "trainable": True}},
+     ["optim.name", "quant.trainable"]),
+])
+def test_refused_combinations_are_all_listed_before_loading(sections, paths):
+    recipe = config.validate(_recipe(**sections))  # the schema allows each; FSDP does not
+    with pytest.raises(RecipeError) as e:
+        check_recipe(recipe)  # what efft validate, efft train and EfftPlugin run before any weight loads
+    assert [p for p, _ in e.value.problems] == paths
+    with pytest.raises(RecipeError) as e:
+        EfftPlugin(_recipe(**sections))
+    assert [p for p, _ in e.value.problems] == paths
+    recipe.train.fsdp = False
+    check_recipe(recipe)  # the same recipe without FSDP is accepted
+
+
+def test_fsdp_settings_are_validated():
+    with pytest.raises(RecipeError) as e:
+        config.validate(_recipe(train={"fsdp_config": {"version": 1, "reshard_after_forwrd": False},
+                                       "resume_from_checkpoint": True}))
+    msgs = dict(e.value.problems)
+    assert "train.fsdp_config.version" in msgs
+    assert "did you mean 'reshard_after_forward'" in msgs["train.fsdp_config.reshard_after_forwrd"]
+    with pytest.raises(RecipeError) as e:
+        config.validate(_recipe(train={"fsdp": False, "fsdp_config": {"reshard_after_forward": False}}))
+    assert [p for p, _ in e.value.problems] == ["train.fsdp_config"]
+    with pytest.raises(RecipeError) as e:
+        config.validate(_recipe(train={"fsdp": True, "resume_from_checkpoint": True}))
+    assert [p for p, _ in e.value.problems] == ["train.resume_from_checkpoint"]
+    r = config.validate(_recipe(train={"fsdp": True, "fsdp_config": {"reshard_after_forward": False}}))
+    assert r.train.fsdp and r.train.fsdp_config.reshard_after_forward is False
+
+
+def test_trainingarguments_fsdp_is_refused_with_the_recipe_problems(tmp_path):
+    recipe = config.validate(_recipe(optim={"name": "apollo"}, train={}))
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True, report_to="none")
+    with pytest.raises(RecipeError) as e:
+        check_training_arguments(recipe, args)
+    assert [p for p, _ in e.value.problems] == ["TrainingArguments.fsdp", "optim.name"]
+    assert "train.fsdp: true" in e.value.problems[0][1]
+
+
+def test_plugin_refuses_checkpoints_transformers_cannot_write_for_fsdp(tmp_path):
+    recipe = config.validate(_recipe(train={"fsdp": True}))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="steps")
+    with pytest.raises(RecipeError) as e:
+        check_training_arguments(recipe, args)
+    assert [p for p, _ in e.value.problems] == ["TrainingArguments.save_only_model"]
+    check_training_arguments(recipe, TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                                       save_only_model=True))
+
+
+def test_fsdp_in_one_process_says_to_launch_with_torchrun(tmp_path):
+    from tests.tiny import tiny_model
+
+    plugin = EfftPlugin({"train": {"fsdp": True, "output_dir": str(tmp_path)}})
+    args = plugin.training_arguments(use_cpu=True)
+    with pytest.raises(RecipeError, match="torchrun"):
+        plugin.trainer_kwargs(tiny_model(), args)
