@@ -33,8 +33,9 @@ def fsdp_problems(recipe: Any) -> list[tuple[str, str]]:
                                 "choice over the full matrix); FSDP2 hands each rank a row shard of it, and gathering it "
                                 "back would put every full gradient on every rank. Use DDP (torchrun without train.fsdp)"))
     if o.layerwise:
-        p.append(("optim.layerwise", "layer-wise updates run in one process only (the optimizer refuses several); "
-                                     "under FSDP use optim.layerwise: false"))
+        p.append(("optim.layerwise", "layer-wise updates average each gradient across the ranks in its own hook, "
+                                     "as DDP needs; under FSDP2 the hook gets a row shard already averaged by the "
+                                     "reduce-scatter. Use DDP (layer-wise runs there) or optim.layerwise: false"))
     if o.name == "adamw8bit" or (o.name == "adamw" and o.state_bits == 8 and not o.layerwise):
         p.append(("optim.state_bits" if o.name == "adamw" else "optim.name",
                   "bitsandbytes' 8-bit AdamW runs its kernels on plain tensors and cannot step FSDP2's sharded "
