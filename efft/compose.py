@@ -52,7 +52,7 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
     if q.trainable:  # the schema allows no adapter beside trainable int8 weights
         from efft.quant.trainable import prepare_int8_training
 
-        model = prepare_int8_training(model, q, embeddings=q.embeddings, seed=recipe.train.seed)
+        model = prepare_int8_training(model, q, embeddings=q.embeddings, seed=recipe.train.seed, host_cfg=recipe.offload)
     else:
         from efft.quant import QuantLinear, prepare
 
@@ -98,6 +98,18 @@ def build_optimizer(model: nn.Module, recipe: Recipe, train=None) -> torch.optim
         from efft.offload.optimizer import offload_optimizer
 
         return offload_optimizer(_build(model, recipe.optim, **kwargs), recipe.offload)
+    from efft.offload.host_embeddings import host_resident_parameters
+
+    host = host_resident_parameters(model)
+    if host:  # quant.embeddings: host: the recipe's optimizer on the device, AdamW on the CPU for these
+        from efft.offload.host_optimizer import host_params_optimizer
+
+        main = _build(model, recipe.optim, exclude=host, **kwargs)
+        return host_params_optimizer(main, host, recipe.offload, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                     betas=kwargs["betas"], eps=t.adam_epsilon, max_grad_norm=t.max_grad_norm,
+                                     gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                     state_bits=recipe.optim.state_bits,
+                                     order=[p for p in model.parameters() if p.requires_grad])
     return _build(model, recipe.optim, **kwargs)
 
 

@@ -211,8 +211,12 @@ class QuantConfig(Section):
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     skip: list[str] = Field(default_factory=lambda: ["lm_head"])
     trainable: bool = Field(False, description="int8 only: trainable int8 weights with stochastic rounding.")
-    embeddings: Literal["frozen", "trainable"] = Field(
-        "frozen", description="trainable int8: embedding and LM head frozen, or trained in full precision.")
+    embeddings: Literal["frozen", "trainable", "host"] = Field(
+        "frozen", description="trainable int8: embedding and LM head frozen, trained in full precision on the device "
+                              "(8-bit state with optim.state_bits: 8), or host: kept in host memory (float32), streamed "
+                              "to the device in chunks and updated on the CPU.")
+    head_chunk_rows: int = Field(16384, gt=0, description="embeddings: host: vocabulary rows of the LM head copied to the "
+                                                          "device at a time (at most two chunks there at once).")
     outlier_threshold: Optional[float] = Field(None, gt=0, description="int8: keep input columns above this in fp16 (LLM.int8()).")
     kernel: Literal["auto", "triton", "torch"] = "auto"
 

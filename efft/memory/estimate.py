@@ -669,6 +669,8 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
 
     full_ft = a.type == "none" and not sp.partial.enabled
     int8_train = int8 and q.trainable
+    emb_mode = q.embeddings if int8_train else None  # frozen | trainable | host (trainable int8 only)
+    host_params: list[tuple[str, tuple]] = []  # quant.embeddings: host: float32 in host memory
     weights = 0
     buffers = 0
     trainable: list[tuple[str, tuple, int]] = []  # (name, shape, bytes per element of its gradient)
@@ -710,6 +712,11 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
             is_embedding_or_head = p.dim() == 2 and owner is None or (owner is not None and owner[0] in out_names)
             if not is_embedding_or_head:
                 trainable.append((pname, shape, eb))  # norms (and biases) stay trainable
+            elif emb_mode == "trainable":
+                trainable.append((pname, shape, eb))  # full precision on the device
+            elif emb_mode == "host":
+                weights -= nbytes  # efft.offload.host_embeddings: float32 in host memory, never whole on the device
+                host_params.append((pname, shape))
             else:
                 frozen_bytes += nbytes
         else:
@@ -844,6 +851,18 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         notes.append("offload.optimizer: states of parameters >= keep_small_params_on_device_bytes on the host")
     else:
         opt_state_device = opt_state
+    host_embedding_bytes = 0
+    if host_params:
+        # efft.offload.host_optimizer: float32 weight + float32 gradient + the CPU optimizer's state
+        # (the main optimizer's plain-AdamW part: efft's moments at optim.state_bits; torch AdamW's
+        # float32 moments + step when the main optimizer is torch's or bitsandbytes')
+        for _, shape in host_params:
+            numel = math.prod(shape)
+            st = 2 * 4 * numel + 4 if (bnb8 or torch_adamw) else 2 * _moment_bytes(numel, efft_bits)
+            host_embedding_bytes += 4 * numel + 4 * numel + st
+        host += host_embedding_bytes
+        notes.append("quant.embeddings: host: embedding/LM head weights, gradients and their AdamW state in host memory; "
+                     "the device holds at most two LM-head chunks of quant.head_chunk_rows rows")
 
     # ------------------------------------------------------------------------------ activations
     kinds = {}
@@ -865,13 +884,17 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
             kinds[nm] = "partial"
         else:
             kinds[nm] = "frozen"
-    embed_trainable = full_ft and not int8_train
+    embed_trainable = (full_ft and not int8_train) or emb_mode == "trainable"
     head_name = next(iter(out_names), None)
     head_trainable = embed_trainable if arch.tied else (full_ft and head_name not in quantized and not int8_train)
+    head_trainable = head_trainable or emb_mode == "trainable"
     if a.modules_to_save and head_name and _name_matches(head_name, a.modules_to_save):
         head_trainable = True
     ckpt = t.gradient_checkpointing
-    input_grad = embed_trainable or ckpt
+    input_grad = embed_trainable or ckpt or emb_mode == "host"
+    # host mode: the head saves its input on the device (a plain head would too) but, with
+    # loss_tokens, runs the generic per-chunk path (no weight gradient formed on the device)
+    act_head_trainable = head_trainable or (emb_mode == "host" and not sp.loss_tokens.enabled)
     te = sp.token_elimination
     keep = 1.0
     te_extra = 0
@@ -887,7 +910,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     b, s = t.per_device_train_batch_size, r.data.max_seq_length
     act = activation_bytes(
         arch, b, s, dtype_bytes=e, attn=r.model.attn_implementation, linears=kinds, lora_r=a.r, lora_bytes=4,
-        norms_trainable=full_ft or int8_train, embed_trainable=embed_trainable, head_trainable=head_trainable,
+        norms_trainable=full_ft or int8_train, embed_trainable=embed_trainable, head_trainable=act_head_trainable,
         input_requires_grad=input_grad, checkpointing=ckpt, loss_tokens=sp.loss_tokens.enabled,
         label_fraction=label_fraction, keep_ratio=keep, keep_start_layer=te.start_layer, sampled_keep=sampled,
         autocast_bytes=autocast, partial_fraction=sp.partial.fraction, te_extra_per_token=te_extra,
@@ -924,6 +947,15 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         ws.append(2 * 4 * T * arch.vocab)
     if r.model.attn_implementation == "eager":
         ws.append(2 * 4 * b * arch.heads * s * s)
+    head_chunks = 0
+    if emb_mode == "host":
+        # the LM head streamed from the host: a ring of min(2, chunks) float32 chunks, the chunk in the
+        # compute dtype when that is not float32, and (backward) one chunk's float32 dW on its way to
+        # the host; alongside the loss's own workspace
+        rows = min(q.head_chunk_rows, arch.vocab)
+        n_chunks = -(-arch.vocab // rows)
+        head_chunks = (min(2, n_chunks) * 4 + (e if e != 4 else 0) + 4) * rows * arch.hidden
+        ws[0] += head_chunks
     ws.append(3 * e * T * arch.intermediate)
     if quant4 or (int8 and not q.trainable):
         cd = _NBYTES[_DTYPE[q.compute_dtype]]
@@ -957,6 +989,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         "lowrank_params": len(lowrank_names), "optimizer_state_total": opt_state, "step_workspace": step_ws,
         "activation_parts": act, "head_grad": head_grad, "activation_host_bytes": details_act_host,
         "streamed_weight_host_bytes": streamed_host, "streamed_layer_bytes": streamed_layer,
+        "host_embedding_bytes": host_embedding_bytes, "head_chunk_workspace": head_chunks,
         "peak_note": "peak = weights + adapters + optimizer state + max(activations + workspace, gradients + step temporaries)",
     }
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer_state=opt_state_device,

@@ -24,6 +24,13 @@ so every attribute it keys by parameter (seeds, refresh offsets) stays aligned. 
 parameter at a time: through ``update_param(p, grad)`` when the class has one (efft's projected
 optimizers), else through a per-parameter view sharing the state dict (valid for optimizers whose
 step treats parameters independently, as every torch.optim one does).
+
+``resident=True`` serves parameters that already live in host memory (host-resident embeddings,
+efft.offload.host_embeddings): the same hooks, workers and clipping, but each parameter is stepped
+in place from its own ``.grad``; nothing is copied. Two seams let a caller that owns more
+parameters than this optimizer decide the clipping: ``total_norm_fn`` (per-parameter norms of this
+optimizer -> the global norm) and ``scale_fn`` (eager steps: (param, grad) -> the factor its
+gradient is multiplied by before the update, e.g. a layer-wise optimizer's coefficient).
 """
 from __future__ import annotations
 
@@ -120,23 +127,25 @@ class OffloadOptimizer(Optimizer):
 
     def __init__(self, params: Iterable, optimizer_class: type, cfg: Any = None, *, gradient_accumulation_steps: int = 1,
                  max_grad_norm: Optional[float] = None, eager: bool = True, release_grads: bool = False,
-                 workers: Optional[int] = None, trace: bool = False, **optimizer_kwargs):
+                 workers: Optional[int] = None, trace: bool = False, resident: bool = False, **optimizer_kwargs):
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
         base = optimizer_class(params, **optimizer_kwargs)
-        self._setup(base, cfg, gradient_accumulation_steps, max_grad_norm, eager, workers, trace, release_grads)
+        self._setup(base, cfg, gradient_accumulation_steps, max_grad_norm, eager, workers, trace, release_grads, resident)
 
     @classmethod
     def wrap(cls, optimizer: Optimizer, cfg: Any = None, **kw) -> "OffloadOptimizer":
         self = object.__new__(cls)
         self._setup(optimizer, cfg, kw.pop("gradient_accumulation_steps", 1), kw.pop("max_grad_norm", None),
-                    kw.pop("eager", True), kw.pop("workers", None), kw.pop("trace", False), kw.pop("release_grads", False))
+                    kw.pop("eager", True), kw.pop("workers", None), kw.pop("trace", False), kw.pop("release_grads", False),
+                    kw.pop("resident", False))
         if kw:
             raise TypeError(f"unexpected options: {sorted(kw)}")
         return self
 
     # ------------------------------------------------------------------------------ set-up
-    def _setup(self, base: Optimizer, cfg, accumulation, max_grad_norm, eager, workers, trace, release_grads=False) -> None:
+    def _setup(self, base: Optimizer, cfg, accumulation, max_grad_norm, eager, workers, trace, release_grads=False,
+               resident=False) -> None:
         if isinstance(base, OffloadOptimizer):
             raise TypeError("this optimizer is already offloaded")
         if getattr(base, "layerwise", False) or type(base).__name__.lower().startswith("layerwise"):
@@ -153,6 +162,14 @@ class OffloadOptimizer(Optimizer):
         if any(p.is_sparse for p in params):
             raise ValueError("sparse parameters cannot be offloaded")
         self.device = params[0].device
+        self.resident = bool(resident)
+        if self.resident and self.device.type != "cpu":
+            raise ValueError(f"resident=True steps parameters that live in host memory; these are on {self.device}")
+        if self.resident and release_grads:
+            raise ValueError("resident=True steps from the parameters' own gradients: release_grads does not apply")
+        #: see the module docstring: callers clipping over more parameters than this optimizer holds
+        self.total_norm_fn = None
+        self.scale_fn = None
         self.keep_small_bytes = int(_cfg(cfg, "keep_small_params_on_device_bytes", 1 << 20))
         self.pool = HostBufferPool(pin_memory=_cfg(cfg, "pin_memory", True), max_pinned_bytes=_cfg(cfg, "max_pinned_bytes", 8 << 30),
                                    name="optimizer state")
@@ -183,7 +200,9 @@ class OffloadOptimizer(Optimizer):
                 self._slots.append(_Slot(len(self._slots), p, gi))
         mapping = {}
         for s in self._slots:
-            if _nbytes(s.param) >= max(self.keep_small_bytes, 1) and s.param.requires_grad:
+            if self.resident:
+                s.on_host = s.param.requires_grad  # stepped in place on a worker; no copy
+            elif _nbytes(s.param) >= max(self.keep_small_bytes, 1) and s.param.requires_grad:
                 mapping[id(s.param)] = self._host_copy(s)
         # An optimizer that already stepped brings its state along; do not use ``base`` afterwards.
         self.inner = _clone_with_params(base, mapping)
@@ -272,6 +291,15 @@ class OffloadOptimizer(Optimizer):
             self.trace.append(("launch", s.index, "backward" if in_backward else "step", time.perf_counter()))
         if not s.on_host:
             return  # stepped on the device in step()
+        if self.resident:
+            s.gbuf, s.grad_ref, s.grad_version = g, g, g._version
+            s.grad_norm = torch.linalg.vector_norm(g.detach(), 2.0) if in_backward else None
+            if self.max_grad_norm:
+                s.norm = self._pool.submit(self._host_norm, s, None)
+            else:
+                self._sync_groups()
+                s.future = self._pool.submit(self._host_step, s, None, None)
+            return
         # A fingerprint (one reduction, on the device) to tell a real later change from a x1.0.
         s.grad_ref, s.grad_version = g, g._version
         s.grad_norm = torch.linalg.vector_norm(g.detach(), 2.0) if in_backward and not self.release_grads else None
@@ -322,13 +350,19 @@ class OffloadOptimizer(Optimizer):
         wait_cpu(ev)
         wait_cpu(s.h2d_event)  # the last copy-back must have read the host copy before it changes
         t = s.inner
-        t.grad = s.gbuf
-        if coef is not None:
-            t.grad.mul_(coef)
+        if coef is None and self.scale_fn is not None:
+            coef = self.scale_fn(s.param, s.gbuf)
+        if self.resident:
+            # the parameter's own gradient: left as backward made it (scaled into a copy)
+            t.grad = s.gbuf if coef is None else s.gbuf.mul(coef)
+        else:
+            t.grad = s.gbuf
+            if coef is not None:
+                t.grad.mul_(coef)
         try:
             s.stepper()
         finally:
-            t.grad = None
+            t.grad = s.gbuf if self.resident else None
         if self.trace is not None:
             self.trace.append(("step", s.index, threading.current_thread().name, time.perf_counter()))
 
@@ -358,6 +392,8 @@ class OffloadOptimizer(Optimizer):
             for s in slots:  # per-parameter copy-back, each with its own event
                 if s.on_host:
                     s.future.result()
+                    if self.resident:
+                        continue
                     s.h2d_event = self.mover.to_device(s.param, s.inner, tag=("param", s.index))
                     self.mover.wait_here(s.h2d_event)
                     s.version = s.param._version
@@ -370,7 +406,8 @@ class OffloadOptimizer(Optimizer):
             self._synced = False
         if not self._migrated:
             self._migrated = True
-            self._migrate_small_states()
+            if not self.resident:
+                self._migrate_small_states()
         return loss
 
     def _device_step(self, s: _Slot, coef: Optional[torch.Tensor]) -> None:
@@ -398,7 +435,10 @@ class OffloadOptimizer(Optimizer):
                 norms.append(torch.linalg.vector_norm(s.param.grad, 2.0))
         # get_total_norm over the per-parameter norms groups them by device and dtype exactly as
         # clip_grad_norm_ groups the gradients (the norm of a 0-d norm is itself).
-        total = torch.nn.utils.get_total_norm(norms, 2.0)
+        if self.total_norm_fn is not None:
+            total = self.total_norm_fn({s.param: n for s, n in zip(slots, norms)})
+        else:
+            total = torch.nn.utils.get_total_norm(norms, 2.0)
         self.last_grad_norm = total
         coef = self.max_grad_norm / (total + 1e-6)
         return torch.clamp(coef, max=1.0)
@@ -464,7 +504,8 @@ class OffloadOptimizer(Optimizer):
         self._build_steppers()
         if self.inner.state:  # placement as it was after the first step of the saved run
             self._migrated = True
-            self._migrate_small_states()
+            if not self.resident:
+                self._migrate_small_states()
 
     def _wait_idle(self) -> None:
         for s in self._slots:
@@ -477,7 +518,7 @@ class OffloadOptimizer(Optimizer):
         """Host bytes held: host copies of parameters, gradient buffers and host-side state."""
         n = 0
         for s in self._slots:
-            if s.on_host:
+            if s.on_host and not self.resident:  # a resident parameter is counted by its owner
                 n += 2 * _nbytes(s.param)
         if self.device.type != "cpu":
             for st in self.inner.state.values():

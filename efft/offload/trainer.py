@@ -31,3 +31,38 @@ class OffloadTrainerCallback(TrainerCallback):
             args.max_grad_norm = self._saved_norm
             self._saved_norm = None
         return control
+
+
+class HostParamsTrainerCallback(TrainerCallback):
+    """For a HostParamsOptimizer (host-resident embedding/LM head): the host parameters may be
+    stepped during backward, before Trainer would clip, so Trainer's clipping is handed to the
+    optimizer for the run (restored at the end) and its accumulation count is copied there.
+    Several processes are refused (the host steps run before DDP could all-reduce)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self._saved_norm = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            raise ValueError("quant.embeddings: host is single-process (the host parameters are stepped on this "
+                             "process's CPU during backward, before DDP could all-reduce their gradients)")
+        opt = self.optimizer
+        opt.host.gradient_accumulation_steps = int(args.gradient_accumulation_steps)
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            opt.set_max_grad_norm(float(args.max_grad_norm))
+            self._saved_norm = args.max_grad_norm
+            args.max_grad_norm = 0.0
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._saved_norm is not None:
+            args.max_grad_norm = self._saved_norm
+            self._saved_norm = None
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        norm = self.optimizer.last_grad_norm
+        if logs is not None and "loss" in logs and norm is not None and self.optimizer.mode == "global":
+            logs["grad_norm"] = float(norm)
+        return control

@@ -68,13 +68,14 @@ def lowrank_parameter_names(model: nn.Module, target_modules="all-linear", exclu
     return names
 
 
-def param_groups(model: nn.Module, cfg: Any, weight_decay: float) -> tuple[list[dict], list[dict]]:
-    """(full-rank groups, low-rank groups-without-keys): decayed/non-decayed AdamW params, low-rank."""
+def param_groups(model: nn.Module, cfg: Any, weight_decay: float, exclude=()) -> tuple[list[dict], list[dict]]:
+    """(full-rank groups, low-rank groups-without-keys): decayed/non-decayed AdamW params, low-rank.
+    ``exclude``: parameters another optimizer updates (host-resident embeddings)."""
     target = _get(cfg, "target_modules", "all-linear")
     if isinstance(target, str) and target != "all-linear":
         target = [target]
     low_names = lowrank_parameter_names(model, target, tuple(_get(cfg, "exclude_modules", ()) or ()))
-    low, decay, no_decay, seen = [], [], [], set()
+    low, decay, no_decay, seen = [], [], [], {id(p) for p in exclude}
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -91,19 +92,20 @@ def param_groups(model: nn.Module, cfg: Any, weight_decay: float) -> tuple[list[
 
 
 def build_optimizer(model: nn.Module, cfg: Any, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                    eps: float = 1e-8, max_grad_norm: float = 0.0, gradient_accumulation_steps: int = 1) -> torch.optim.Optimizer:
+                    eps: float = 1e-8, max_grad_norm: float = 0.0, gradient_accumulation_steps: int = 1,
+                    exclude=()) -> torch.optim.Optimizer:
     """Build ``cfg.name`` over ``model``'s trainable parameters.
 
     ``max_grad_norm`` and ``gradient_accumulation_steps`` matter only in layer-wise mode (the
     optimizer then clips and accumulates itself; see efft.optim.layerwise); otherwise the training
-    loop clips and accumulates as usual.
+    loop clips and accumulates as usual. ``exclude``: parameters left out (another optimizer's).
     """
     name = _get(cfg, "name", "adamw")
     if name not in NAMES:
         raise ValueError(f"name must be one of {NAMES}, got {name!r}")
     layerwise = bool(_get(cfg, "layerwise", False))
     bits = int(_get(cfg, "state_bits", 32))
-    full, low = param_groups(model, cfg, weight_decay)
+    full, low = param_groups(model, cfg, weight_decay, exclude)
     if not full and not low:
         raise ValueError("model has no trainable parameters")
     common = dict(lr=lr, betas=tuple(betas), eps=eps)

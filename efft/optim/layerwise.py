@@ -250,6 +250,12 @@ class LayerwiseOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
+    def add_external_norm_sq(self, sq) -> None:
+        """Count gradients that another optimizer consumed this step (host-resident parameters
+        stepped on the CPU) in the global norm that sets the next step's clip coefficient; call
+        before ``step()``."""
+        self._sq_norm = self._sq_norm + sq
+
     @property
     def clip_coefficient(self) -> float:
         """The factor the next optimizer step's gradients will be multiplied by."""

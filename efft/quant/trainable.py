@@ -52,7 +52,7 @@ __all__ = [
     "flush_deferred_writebacks",
 ]
 
-EMBEDDING_MODES = ("frozen", "trainable")
+EMBEDDING_MODES = ("frozen", "trainable", "host")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -539,7 +539,8 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def prepare_int8_training(model: nn.Module, quant_cfg: Any = None, *, embeddings: str = "frozen", seed: int = 0,
-                          rounding: str = "stochastic", shrink: float = 0.5) -> nn.Module:
+                          rounding: str = "stochastic", shrink: float = 0.5, head_chunk_rows: Optional[int] = None,
+                          host_cfg: Any = None) -> nn.Module:
     """Replace every ``nn.Linear`` not in ``quant_cfg.skip`` (default ``["lm_head"]``) by an
     :class:`Int8TrainableLinear` (in place; returns ``model``).
 
@@ -547,17 +548,20 @@ def prepare_int8_training(model: nn.Module, quant_cfg: Any = None, *, embeddings
     defaults (blocksize 64, compute dtype float32). ``embeddings``: "frozen" (input embeddings and
     the skipped Linear layers, i.e. the LM head, get ``requires_grad=False``: no gradient, no
     optimizer state) or "trainable" (left full precision and trainable; with ``optim.state_bits: 8``
-    their state is 8-bit). Other parameters (norms, biases) stay full precision and trainable.
+    their state is 8-bit) or "host" (float32 in host memory, streamed to the device in chunks of
+    ``head_chunk_rows`` vocabulary rows, default ``quant_cfg.head_chunk_rows``, and updated on the CPU:
+    efft.offload.host_embeddings; ``host_cfg``, an OffloadConfig, sets pinning). Other parameters
+    (norms, biases) stay full precision and trainable.
     """
     blocksize, cd, skip = 64, torch.float32, ["lm_head"]
+    chunk_rows = head_chunk_rows or getattr(quant_cfg, "head_chunk_rows", None) or 16384
     if quant_cfg is not None:
         problems = _quant_problems(quant_cfg)
         if problems:
             raise ValueError("prepare_int8_training: " + "; ".join(f"quant.{k}: {m}" for k, m in problems))
         blocksize, cd, skip = quant_cfg.blocksize, _DTYPES[quant_cfg.compute_dtype], list(quant_cfg.skip)
     if embeddings not in EMBEDDING_MODES:
-        extra = " (host-resident embeddings are not built)" if embeddings == "host" else ""
-        raise ValueError(f"embeddings must be one of {EMBEDDING_MODES}, got {embeddings!r}{extra}")
+        raise ValueError(f"embeddings must be one of {EMBEDDING_MODES}, got {embeddings!r}")
     if any(isinstance(m, Int8TrainableLinear) for m in model.modules()):
         raise ValueError("prepare_int8_training: the model already has int8 trainable layers")
     adapters = [n for n, m in model.named_modules() if hasattr(m, "lora_A") or type(m).__name__.startswith("Lora")]
@@ -589,6 +593,10 @@ def prepare_int8_training(model: nn.Module, quant_cfg: Any = None, *, embeddings
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, new)
         del lin
+    if embeddings == "host":
+        from efft.offload.host_embeddings import make_host_resident
+
+        make_host_resident(model, chunk_rows=int(chunk_rows), cfg=host_cfg)
     if embeddings == "frozen":
         frozen = [m for m in model.modules() if isinstance(m, nn.Embedding)]
         frozen += [m for n, m in model.named_modules() if type(m) is nn.Linear]
@@ -597,6 +605,8 @@ def prepare_int8_training(model: nn.Module, quant_cfg: Any = None, *, embeddings
                 p.requires_grad_(False)
     info = {"blocksize": blocksize, "compute_dtype": str(cd).replace("torch.", ""), "skip": skip,
             "embeddings": embeddings, "rounding": rounding, "shrink": shrink, "layers": len(linears)}
+    if embeddings == "host":
+        info["head_chunk_rows"] = int(chunk_rows)
     model._efft_int8_training = info
     cfg = getattr(model, "config", None)
     if cfg is not None:
@@ -636,6 +646,27 @@ def int8_training_problems(recipe: Any) -> list[tuple[str, str]]:
                                        "materializes the weight on the device); turn one of them off"))
     if recipe.optim.name == "adamw8bit" and recipe.optim.layerwise:
         pass  # the schema reports this one
+    if q.embeddings == "host":
+        p += _host_embedding_problems(recipe)
+    return p
+
+
+def _host_embedding_problems(recipe: Any) -> list[tuple[str, str]]:
+    """What ``quant.embeddings: host`` cannot be combined with (its weights are stepped on the CPU
+    during backward, from gradients on the host)."""
+    import os
+
+    p = []
+    if not _matches("lm_head", recipe.quant.skip):
+        p.append(("quant.embeddings", "host keeps the LM head in host memory in full precision: keep 'lm_head' in "
+                                      "quant.skip (it would otherwise become int8 codes)"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.append(("quant.embeddings", "host is single-process: the host parameters are stepped on this process's CPU "
+                                      "during backward, before DDP could all-reduce their gradients; use trainable or "
+                                      "frozen with several processes"))
+    if recipe.train.fp16:
+        p.append(("quant.embeddings", "host steps the embedding/LM head during backward, before fp16 loss scaling "
+                                      "could unscale (or skip) their gradients; use train.bf16"))
     return p
 
 
@@ -734,7 +765,7 @@ def load_int8_pretrained(path: str | Path, *, dtype: Optional[torch.dtype] = Non
     q = QuantConfig(type="int8", trainable=True, blocksize=info["blocksize"], compute_dtype=info["compute_dtype"],
                     skip=list(info["skip"]))
     prepare_int8_training(model, q, embeddings=info.get("embeddings", "frozen"), rounding=info.get("rounding", "stochastic"),
-                          shrink=info.get("shrink", 0.5))
+                          shrink=info.get("shrink", 0.5), head_chunk_rows=info.get("head_chunk_rows"))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files")
