@@ -575,6 +575,12 @@ def prepare_int8_training(model: nn.Module, quant_cfg: Any = None, *, embeddings
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
     if not linears:
         raise ValueError(f"prepare_int8_training: no nn.Linear left to convert (skip={skip})")
+    if embeddings == "host":
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if any(m is head for _, m in linears):
+            raise ValueError("prepare_int8_training: embeddings='host' keeps the LM head in full precision in host "
+                             "memory: keep it in quant.skip")
     # a weight shared with another module (tied LM head) cannot become int8 codes on one side only
     owners: dict[int, list[str]] = {}
     for n, m in model.named_modules():

@@ -98,8 +98,10 @@ def test_prepare_refuses_bad_inputs():
         prepare_int8_training(tiny_model("llama"), QuantConfig(type="int8"))
     with pytest.raises(ValueError, match="outlier"):
         prepare_int8_training(tiny_model("llama"), _int8_cfg(outlier_threshold=6.0))
-    with pytest.raises(ValueError, match="host-resident"):
-        prepare_int8_training(tiny_model("llama"), _int8_cfg(), embeddings="host")
+    with pytest.raises(ValueError, match="embeddings must be one of"):
+        prepare_int8_training(tiny_model("llama"), _int8_cfg(), embeddings="cpu")
+    with pytest.raises(ValueError, match="keep it in quant.skip"):
+        prepare_int8_training(tiny_model("llama"), _int8_cfg(skip=[]), embeddings="host")
     with pytest.raises(ValueError, match="no nn.Linear"):
         prepare_int8_training(nn.Sequential(nn.Embedding(4, 4)), _int8_cfg())
     tied = tiny_model("llama", tie_word_embeddings=True)

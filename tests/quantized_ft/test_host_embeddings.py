@@ -1,0 +1,308 @@
+"""quant.embeddings: host: embedding and LM head in host memory, the head streamed in vocabulary
+chunks, their update on CPU workers. On CPU host == device, so the same code runs with synchronous
+copies; the references are the embeddings="trainable" run (same optimizer settings) and plain
+autograd through nn.Embedding / F.linear."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from efft import config
+from efft.config import QuantConfig, RecipeError
+from efft.memory.estimate import estimate
+from efft.offload.host_embeddings import (HostEmbedding, HostLMHead, HostResidency, host_resident_parameters,
+                                          make_host_resident)
+from efft.offload.host_optimizer import HostParamsOptimizer, host_params_optimizer
+from efft.optim.factory import build_optimizer
+from efft.quant.trainable import (Int8LayerwiseOptimizer, export_full_precision, load_int8_pretrained,
+                                  prepare_int8_training)
+from tests.quantized_ft.helpers import int8_state
+from tests.tiny import tiny_batch, tiny_model
+
+VOCAB = 256
+LR, EPS, CLIP = 1e-2, 1e-6, 0.05  # CLIP below the gradient norm, so every step is clipped
+
+
+def _model(mode, tied, chunk=VOCAB):
+    m = tiny_model("llama", seed=0, tie_word_embeddings=tied)
+    q = QuantConfig(type="int8", trainable=True, compute_dtype="float32", head_chunk_rows=chunk)
+    return prepare_int8_training(m, q, embeddings=mode)
+
+
+def _optimizer(model, kind, acc):
+    """``kind``: torch AdamW whole-step (clipped by the global norm, here or by the loop), efft AdamW
+    layer-wise (clipped by the last step's norm) or Int8LayerwiseOptimizer (per-parameter clip)."""
+    host = host_resident_parameters(model)
+    ids = {id(p) for p in host}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    if kind == "global":
+        main = torch.optim.AdamW(rest, lr=LR, eps=EPS, weight_decay=0.0)
+    elif kind == "lagged":
+        main = build_optimizer(model, type("C", (), {"name": "adamw", "layerwise": True})(), lr=LR, eps=EPS,
+                               max_grad_norm=CLIP, gradient_accumulation_steps=acc, exclude=host)
+    else:
+        main = Int8LayerwiseOptimizer(torch.optim.AdamW(rest, lr=LR, eps=EPS, weight_decay=0.0),
+                                      gradient_accumulation_steps=acc, max_grad_norm=CLIP)
+    if not host:
+        return main
+    return host_params_optimizer(main, host, lr=LR, eps=EPS, weight_decay=0.0, gradient_accumulation_steps=acc,
+                                 max_grad_norm=CLIP if kind == "global" else None, order=list(model.parameters()))
+
+
+def _train(model, opt, kind, data, acc, host):
+    for i in range(0, len(data), acc):
+        for b in data[i:i + acc]:
+            (model(**b).loss / acc).backward()
+        if kind == "global" and not host:  # what Trainer does; the host optimizer clips itself
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP)
+        opt.step()
+        opt.zero_grad()
+
+
+def _run(mode, tied, kind="global", chunk=VOCAB, steps=3, acc=2):
+    m = _model(mode, tied, chunk)
+    data = [tiny_batch(VOCAB, seed=i) for i in range(steps * acc)]
+    opt = _optimizer(m, kind, acc)
+    _train(m, opt, kind, data, acc, mode == "host")
+    return m, opt
+
+
+# ------------------------------------------------------------------------------- (a) same training
+@pytest.mark.parametrize("tied,kind", [(True, "global"), (False, "global"), (False, "lagged"), (True, "per_parameter")])
+def test_host_training_equals_trainable_bitwise(tied, kind):
+    """One chunk covers the vocabulary: the same float operations in the same order, so every tensor
+    (int8 codes, scales, rounding counters, embedding/head/norm weights) is bitwise equal after 3
+    steps of 2 accumulated micro-batches with clipping."""
+    a, _ = _run("trainable", tied, kind)
+    b, opt = _run("host", tied, kind)
+    assert isinstance(opt, HostParamsOptimizer) and opt.mode == kind
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert b.model.embed_tokens.weight.dtype == torch.float32
+    assert (b.lm_head.weight is b.model.embed_tokens.weight) == tied
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_host_training_with_head_chunks_matches_trainable(tied):
+    """Several chunks (100 rows: 100 + 100 + 56): dX is summed chunk by chunk, a different float
+    order than one matmul (relative differences ~1e-7). AdamW divides each gradient element by its
+    own magnitude (+ eps 1e-6), so elements whose gradient is near eps carry that relative
+    difference into an lr-sized (1e-2) step: float weights agree to 1e-4 (1% of lr) and a
+    stochastic-rounding decision may flip by one code where a weight sits on a threshold (<= 0.5%)."""
+    a, _ = _run("trainable", tied, chunk=VOCAB)
+    b, _ = _run("host", tied, chunk=100)
+    assert b.lm_head.residency.peak_head_rows_on_device == 200
+    sa, sb = int8_state(a), int8_state(b)
+    diff = total = 0
+    for k in sa:
+        d = (sa[k][0].int() - sb[k][0].int()).abs()
+        assert d.max() <= 1 and sa[k][2][1] == sb[k][2][1] == 3, k
+        diff, total = diff + int((d > 0).sum()), total + d.numel()
+    assert diff <= 5e-3 * total, (diff, total)
+    fa = {k: v for k, v in a.state_dict().items() if v.is_floating_point() and not k.endswith("weight_scale")}
+    fb = b.state_dict()
+    for k, v in fa.items():
+        torch.testing.assert_close(fb[k], v, rtol=0, atol=1e-4, msg=k)
+
+
+# -------------------------------------------------------------------------------- (b) the Functions
+def _host_head(w, chunk):
+    res = HostResidency()
+    p = res.host_weight(w)
+    return HostLMHead(p, res, chunk_rows=chunk, compute_dtype=w.dtype, device=w.device), p
+
+
+@pytest.mark.parametrize("chunk", [300, 128, 7])
+def test_head_gradients_equal_autograd_through_linear(chunk):
+    torch.manual_seed(0)
+    w = torch.randn(300, 48, requires_grad=True)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    gy = torch.randn(3, 5, 300)
+    head, p = _host_head(w, chunk)
+    y = head(x)
+    y.backward(gy)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = w.detach().clone().requires_grad_(True)
+    y_ref = F.linear(x_ref, w_ref)
+    y_ref.backward(gy)
+    if chunk >= 300:  # one chunk: the very same matmuls
+        for got, ref in ((y, y_ref), (p.grad, w_ref.grad), (x.grad, x_ref.grad)):
+            assert torch.equal(got, ref)
+    else:
+        # chunks: BLAS picks its kernel (and so its summation order) by shape, and dX sums the
+        # chunks' contributions: float32 rounding differences only
+        for got, ref in ((y, y_ref), (p.grad, w_ref.grad), (x.grad, x_ref.grad)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_gradient_equals_nn_embedding_with_padding():
+    torch.manual_seed(0)
+    ref = nn.Embedding(300, 32, padding_idx=3)
+    ids = torch.randint(0, 300, (4, 20))
+    ids[0, :5] = 3
+    ids[1, :3] = 17  # repeated ids accumulate
+    res = HostResidency()
+    emb = HostEmbedding(res.host_weight(ref.weight), res, padding_idx=3, compute_dtype=torch.float32, device="cpu")
+    g = torch.randn(4, 20, 32)
+    out = emb(ids)
+    out.backward(g)
+    ref(ids).backward(g)
+    assert torch.equal(out, ref(ids))
+    assert torch.equal(emb.weight.grad, ref.weight.grad)
+    assert res.embedding_rows_to_device == res.embedding_rows_to_host == 80
+
+
+def test_loss_tokens_with_a_host_head_equals_the_dense_loss():
+    """sparsity.loss_tokens calls the head module per row chunk (checkpointed): the host head serves
+    it; loss and gradients equal the dense model's."""
+    from efft.sparsity.loss_tokens import apply_loss_tokens
+
+    batch = tiny_batch(VOCAB, seed=1, label_fraction=0.5)
+    dense = tiny_model("llama", seed=0, tie_word_embeddings=False)
+    sparse = tiny_model("llama", seed=0, tie_word_embeddings=False)
+    make_host_resident(sparse, chunk_rows=100)
+    apply_loss_tokens(sparse, chunk_size=8)
+    ld, ls = dense(**batch).loss, sparse(**batch).loss
+    ld.backward()
+    ls.backward()
+    torch.testing.assert_close(ls, ld, rtol=1e-5, atol=1e-6)
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(sparse.get_parameter(name).grad, dense.get_parameter(name).grad,
+                                   rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- (c) what moved, when
+def test_transfers_are_recorded_chunk_by_chunk_and_the_update_runs_in_backward():
+    model = _model("host", tied=False, chunk=100)
+    res = model.lm_head.residency
+    res.reset_stats()
+    host = host_resident_parameters(model)
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in host)]
+    opt = host_params_optimizer(torch.optim.AdamW(rest, lr=LR), host, lr=LR)
+    before = model.lm_head.weight.detach().clone()
+    batch = tiny_batch(VOCAB, batch=2, seq=16)
+    model(**batch).loss.backward()
+    h = 64
+    expect = [(phase, v0, n, n * h * 4) for phase in ("forward", "backward") for v0, n in ((0, 100), (100, 100), (200, 56))]
+    assert res.chunk_transfers == expect
+    assert res.peak_head_rows_on_device == 200  # this chunk and the prefetched next one, never more
+    assert res.head_grad_bytes_to_host == VOCAB * h * 4
+    assert res.embedding_rows_to_device == res.embedding_rows_to_host == 32
+    # no clipping: the host step ran on a worker as soon as the gradient was complete, before step()
+    opt.host._wait_idle()
+    assert not torch.equal(model.lm_head.weight.detach(), before)
+    opt.step()
+    opt.close()
+    # model.to(dtype) changes what the modules compute in, never the float32 host weight
+    model.to(torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.compute_dtype == torch.bfloat16
+    assert model(input_ids=batch["input_ids"]).logits.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------- (d) save + resume
+def test_resume_continues_exactly_and_exports_full_precision(tmp_path):
+    data = [tiny_batch(VOCAB, seed=i) for i in range(8)]
+    full = _model("host", tied=True, chunk=100)
+    _train(full, _optimizer(full, "global", 2), "global", data, 2, True)
+
+    first = _model("host", tied=True, chunk=100)
+    opt = _optimizer(first, "global", 2)
+    _train(first, opt, "global", data[:4], 2, True)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    first.save_pretrained(tmp_path / "ck")
+    opt.close()
+
+    second = load_int8_pretrained(tmp_path / "ck", attn_implementation="eager")  # as tiny_model builds it
+    assert isinstance(second.lm_head, HostLMHead) and second.lm_head.chunk_rows == 100
+    opt2 = _optimizer(second, "global", 2)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    _train(second, opt2, "global", data[4:], 2, True)
+    sa, sb = full.state_dict(), second.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+    export_full_precision(second, tmp_path / "plain")
+    plain = type(tiny_model("llama", tie_word_embeddings=True)).from_pretrained(tmp_path / "plain")
+    assert type(plain.lm_head) is nn.Linear
+    assert torch.equal(plain.model.embed_tokens.weight, second.model.embed_tokens.weight.detach().bfloat16())
+
+
+# --------------------------------------------------------------------------------------- (e) planner
+TINY = {"model_type": "llama", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+
+
+def _recipe(data_path, out, embeddings="host", **extra):
+    train = {"output_dir": str(out), "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
+             "logging_steps": 1, "save_steps": 2, "seed": 3, "max_grad_norm": 1.0, "gradient_accumulation_steps": 2}
+    train.update(extra.pop("train", {}))
+    d = {"model": {"config": TINY, "dtype": "float32"}, "data": {"path": str(data_path), "max_seq_length": 64},
+         "train": train,
+         "quant": {"type": "int8", "trainable": True, "compute_dtype": "float32", "embeddings": embeddings,
+                   "head_chunk_rows": 128},
+         "optim": {"name": "adamw"}}
+    d.update(extra)
+    return config.validate(d)
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "d.jsonl"
+    rows = [{"instruction": f"Add {a} and {b}.", "output": f"Answer: {a + b}"} for a in range(6) for b in range(6)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_planner_moves_embedding_and_head_to_host(data_path, tmp_path):
+    """Llama 320 x 64 untied: embedding and head 2 x 81,920 B of float32 weights. With host mode they
+    leave the device; the device gets the chunk workspace instead: a ring of two float32 chunks of
+    128 rows plus one chunk's float32 dW = 3 x 128 x 64 x 4 = 98,304 B; the host holds weight +
+    gradient + torch AdamW's two moments and step for each."""
+    frozen = estimate(_recipe(data_path, tmp_path, "frozen"))
+    host = estimate(_recipe(data_path, tmp_path, "host"))
+    trainable = estimate(_recipe(data_path, tmp_path, "trainable"))
+    wb = 320 * 64 * 4
+    assert frozen.weights - host.weights == 2 * wb
+    assert host.details["head_chunk_workspace"] == 3 * 128 * 64 * 4
+    assert host.host == 2 * (wb + wb + 2 * wb + 4)
+    assert host.gradients == frozen.gradients and host.optimizer_state == frozen.optimizer_state
+    # trainable keeps all of it on the device: weights, float32 gradients, AdamW's moments + step
+    assert trainable.weights == frozen.weights
+    assert trainable.gradients - frozen.gradients == 2 * wb
+    assert trainable.optimizer_state - frozen.optimizer_state == 2 * (2 * wb + 4)
+    assert host.total < trainable.total
+    # the planned chunk ring is what the Function holds: measured on a model with this config
+    model = _model("host", tied=False, chunk=128)
+    model(**tiny_batch(VOCAB)).loss.backward()
+    assert model.lm_head.residency.peak_head_rows_on_device * 64 * 4 == 2 * 128 * 64 * 4
+
+
+# -------------------------------------------------------------------------- (f) efft train + refusals
+def test_recipe_trains_through_efft_train_with_layerwise_apollo_and_loss_tokens(data_path, tmp_path):
+    from efft.train import train
+
+    r = _recipe(data_path, tmp_path / "out", optim={"name": "apollo_mini", "layerwise": True},
+                sparsity={"loss_tokens": {"enabled": True}}, train={"gradient_checkpointing": True})
+    card = train(r)
+    assert card["global_step"] == 4 and card["last_loss"] < card["first_loss"]
+    final = tmp_path / "out" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "int8" / "model.safetensors").is_file()
+    assert "efft_int8_trainable" not in json.loads((final / "config.json").read_text())
+
+
+def test_bad_combinations_are_refused_before_loading(data_path, tmp_path, monkeypatch):
+    from efft.compose import check_recipe
+
+    r = _recipe(data_path, tmp_path, quant={"type": "int8", "trainable": True, "embeddings": "host", "skip": [],
+                                            "compute_dtype": "float16"},
+                train={"fp16": True}, offload={"optimizer": True})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError) as e:
+        check_recipe(r)
+    msg = str(e.value)
+    for needle in ("keep 'lm_head' in quant.skip", "single-process", "use train.bf16", "offload.optimizer"):
+        assert needle in msg, needle
