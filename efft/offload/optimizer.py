@@ -375,6 +375,10 @@ class OffloadOptimizer(Optimizer):
                 loss = closure()
         slots = [s for s in self._slots if s.launched or s.param.grad is not None]
         try:
+            if self.resident:  # a resident step swaps the parameter's .grad while it runs: let it finish
+                for s in slots:
+                    if s.future is not None:
+                        s.future.result()
             self._check_grads_unchanged([s for s in slots if s.launched and s.on_host])
             for s in slots:
                 if not s.launched:
@@ -499,6 +503,11 @@ class OffloadOptimizer(Optimizer):
         for old, new in zip(keep, self.inner.param_groups):  # keep group identity (optimizers cache them)
             old.update(new)
         self.inner.param_groups = keep
+        if isinstance(getattr(self.inner, "_group_of", None), dict):
+            # efft's optimizers look a parameter's group up in _group_of, which their load_state_dict
+            # pointed at the dicts just replaced: point it at the kept ones, or the lr a scheduler
+            # syncs into them would never reach the update (accelerate reloads the state at wrap)
+            self.inner._group_of = {p: g for g in keep for p in g["params"]}
         for g, sg in zip(self.param_groups, keep):
             g.update({k: v for k, v in sg.items() if k != "params"})
         self._build_steppers()

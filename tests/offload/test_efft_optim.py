@@ -129,3 +129,19 @@ def test_several_workers_stay_bitwise(name):
     assert len({e[2] for e in opt.trace if e[0] == "step" and e[2] != "device"}) == 3
     assert same_params(ref, m)
     opt.close()
+
+
+def test_scheduler_reaches_the_update_after_load_state_dict():
+    """accelerate reloads an optimizer's own state when it wraps it: afterwards a scheduler's lr must
+    still reach efft's update (which looks the group up per parameter), as without offload."""
+    cls = CLASSES["APOLLOAdamW"]
+    ref, m = model(), model()
+    ref_opt = build(cls, ref)
+    opt = offload_optimizer(build(cls, m), cfg(keep_small_params_on_device_bytes=0))
+    for o in (ref_opt, opt):
+        o.load_state_dict(o.state_dict())
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (ref_opt, opt)]
+    train(ref, ref_opt, 3, sched=scheds[0])
+    train(m, opt, 3, sched=scheds[1])
+    assert same_params(ref, m)
+    opt.close()

@@ -51,21 +51,27 @@ def _optimizer(model, kind, acc):
                                  max_grad_norm=CLIP if kind == "global" else None, order=list(model.parameters()))
 
 
-def _train(model, opt, kind, data, acc, host):
+def _train(model, opt, kind, data, acc, host, sched=None):
     for i in range(0, len(data), acc):
         for b in data[i:i + acc]:
             (model(**b).loss / acc).backward()
         if kind == "global" and not host:  # what Trainer does; the host optimizer clips itself
             torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP)
         opt.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad()
 
 
 def _run(mode, tied, kind="global", chunk=VOCAB, steps=3, acc=2):
+    """As under Trainer: accelerate reloads the optimizer's own state when it wraps it, then a
+    scheduler changes lr every step."""
     m = _model(mode, tied, chunk)
     data = [tiny_batch(VOCAB, seed=i) for i in range(steps * acc)]
     opt = _optimizer(m, kind, acc)
-    _train(m, opt, kind, data, acc, mode == "host")
+    opt.load_state_dict(opt.state_dict())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    _train(m, opt, kind, data, acc, mode == "host", sched)
     return m, opt
 
 
