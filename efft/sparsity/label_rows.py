@@ -26,21 +26,46 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
 
 
 class LabelRows:
-    """The loss positions of a (batch, seq) batch: ``rows``, flat indices into batch*seq (increasing)
-    of the positions whose shifted label is not ignored, and the ``shape`` (batch, seq) they index."""
+    """The loss positions of a (batch, seq) batch, in the layouts the gathers need.
 
-    __slots__ = ("rows", "shape")
+    ``rows``: flat indices into batch*seq (increasing) of the positions whose shifted label is not
+    ignored. ``positions``: (batch, K) the same positions per batch row, for the last block's
+    attention queries; rows with fewer than K are padded by repeating their last label position
+    (seq-1 for a row without labels), whose outputs are dropped. ``slots``: for each entry of
+    ``rows``, its flat index into batch*K. ``shape``: the (batch, seq) they index.
+    """
 
-    def __init__(self, rows: torch.Tensor, shape: tuple[int, int]):
-        self.rows, self.shape = rows, tuple(shape)
+    __slots__ = ("rows", "positions", "slots", "shape")
+
+    def __init__(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, shape: tuple[int, int]):
+        self.rows, self.positions, self.slots, self.shape = rows, positions, slots, tuple(shape)
 
     @classmethod
-    def from_shifted(cls, shifted: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> "LabelRows":
-        """Built from shifted labels (batch, seq) where they lie; on a device this reads back the count."""
+    def from_shifted(cls, shifted: torch.Tensor, ignore_index: int = IGNORE_INDEX, tight: bool = True) -> "LabelRows":
+        """Built from shifted labels (batch, seq) where they lie.
+
+        The ``nonzero`` that finds the rows is one host read of their count when ``shifted`` is on a
+        device. ``tight`` makes K the largest per-row count (one more read: use it on host labels, as
+        the collator does); otherwise K = min(count, seq), known after that one read.
+        """
         if shifted.dim() != 2:
             raise ValueError(f"label rows: expected (batch, seq) labels, got shape {tuple(shifted.shape)}")
-        rows = (shifted != ignore_index).reshape(-1).nonzero().squeeze(1)
-        return cls(rows, tuple(shifted.shape))
+        b, s = shifted.shape
+        valid = shifted != ignore_index
+        where = valid.nonzero()  # (count, 2) batch row, position
+        n = where.shape[0]
+        counts = valid.sum(1)
+        k = (int(counts.max()) if n else 0) if tight else min(n, s)
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :k]  # label positions first, in order
+        if k:
+            last = order.gather(1, (counts - 1).clamp(0, k - 1)[:, None])
+            fill = torch.where(counts[:, None] > 0, last, torch.full_like(last, s - 1))
+            pad = torch.arange(k, device=shifted.device)[None, :] >= counts[:, None]
+            order = torch.where(pad, fill, order)
+        rank = valid.cumsum(1) - 1  # a label position's index among its row's labels
+        rows = where[:, 0] * s + where[:, 1]
+        slots = where[:, 0] * k + rank[where[:, 0], where[:, 1]]
+        return cls(rows, order, slots, (b, s))
 
     @classmethod
     def from_labels(cls, labels: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
@@ -53,14 +78,16 @@ class LabelRows:
         return self.rows.shape[0]
 
     def to(self, device=None, non_blocking: bool = False, **_: Any) -> "LabelRows":
-        return LabelRows(self.rows.to(device, non_blocking=non_blocking), self.shape)
+        t = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731
+        return LabelRows(t(self.rows), t(self.positions), t(self.slots), self.shape)
 
     def pin_memory(self, *args: Any) -> "LabelRows":
         """DataLoader(pin_memory=True) calls this, so the copy to the device can be asynchronous."""
-        return LabelRows(self.rows.pin_memory(*args), self.shape)
+        p = lambda x: x.pin_memory(*args)  # noqa: E731
+        return LabelRows(p(self.rows), p(self.positions), p(self.slots), self.shape)
 
     def __repr__(self) -> str:
-        return f"LabelRows(count={self.count}, shape={self.shape})"
+        return f"LabelRows(count={self.count}, shape={self.shape}, per_row={self.positions.shape[1]})"
 
 
 def with_label_rows(batch: Any) -> Any:

@@ -22,9 +22,13 @@ one for another shape): the rows are found on the device, one read of their coun
 (``state.host_reads`` counts these forwards).
 
 In the last decoder block, positions without a label only feed later positions through the keys and
-values their attention computed; their MLP output reaches nothing the loss sees. The last block's
-``mlp`` is therefore run on the label rows only (exact). Their attention queries are still computed
-(skipping them needs family-specific attention code).
+values their attention computed; nothing else they do there reaches the loss. So the last block's
+attention computes the label rows' queries only (through the model's own eager/sdpa attention
+function, keys and values of every position), and the modules after it (output projection, norms,
+MLP) run on the label rows only (exact; see :mod:`efft.sparsity.last_block`, which also lists what
+it leaves unrestricted, with the reason kept in ``state.last_block.reason``). The apply-time check
+below runs this path too. The query projection and rotary embedding still run on every row, as do
+the block's residual additions (inside the model's forward).
 
 Generic over transformers causal LMs that compute ``logits = lm_head(base_model(...).last_hidden_state)``
 and optionally ``logit_scale`` / ``final_logit_softcapping``; at apply time the wrapped path is checked
@@ -44,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .label_rows import IGNORE_INDEX, LABEL_ROWS_KEY, LabelRows, shift_labels as _shift_labels
+from .last_block import LastBlock, install_last_block
 
 log = logging.getLogger(__name__)
 _HEAD_ARGS = ("labels", "num_items_in_batch", "shift_labels", "logits_to_keep", "return_dict", "ignore_index")
@@ -180,47 +185,13 @@ def decoder_layers(lm: nn.Module) -> Optional[nn.ModuleList]:
     return None
 
 
-class _LastBlockRows:
-    """Flattened row indices that the last block's MLP must compute (None: all rows)."""
-
-    def __init__(self):
-        self.rows: Optional[torch.Tensor] = None
-        self.shape: Optional[torch.Size] = None
-
-    def set(self, rows, shape):
-        self.rows, self.shape = rows, shape
-
-
-def _install_last_block_mlp(lm: nn.Module, holder: _LastBlockRows) -> bool:
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    if any(getattr(cfg, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
-        return False  # routed experts: the block's output is not a plain per-row tensor map
-    layers = decoder_layers(lm)
-    mlp = getattr(layers[-1], "mlp", None) if layers is not None and len(layers) else None
-    if not isinstance(mlp, nn.Module):
-        return False
-    orig = mlp.forward
-
-    def forward(x, *args, **kwargs):
-        rows, shape = holder.rows, holder.shape
-        if rows is None or args or kwargs or x.dim() != 3 or x.shape[:2] != shape:
-            return orig(x, *args, **kwargs)
-        flat = x.reshape(-1, x.shape[-1])
-        y = orig(flat.index_select(0, rows))
-        out = y.new_zeros((flat.shape[0], y.shape[-1]))
-        return out.index_copy(0, rows, y).view(*x.shape[:2], y.shape[-1])
-
-    mlp._efft_orig_forward = orig
-    mlp.forward = forward
-    return True
-
-
 class LossTokenState:
     """What :func:`apply_loss_tokens` installed on a causal LM (kept as ``lm._efft_loss_tokens``)."""
 
-    def __init__(self, lm, chunk_size, scale, softcap, last_block_skip, holder, orig_forward):
+    def __init__(self, lm, chunk_size, scale, softcap, last_block: LastBlock, orig_forward):
         self.lm, self.chunk_size, self.scale, self.softcap = lm, chunk_size, scale, softcap
-        self.last_block_skip, self.holder, self.orig_forward = last_block_skip, holder, orig_forward
+        self.last_block, self.orig_forward = last_block, orig_forward
+        self.last_block_skip = bool(last_block.modules) or last_block.restricts_attention
         self.label_rows: Optional[torch.Tensor] = None  # (B, S) bool of the last sparse forward
         self.host_reads = 0  # sparse forwards that had to read the label-row count from the device
 
@@ -237,15 +208,16 @@ class LossTokenState:
             shift = _shift_labels(labels, ignore)
         self.label_rows = shift != ignore
         if label_rows is not None and label_rows.shape == tuple(shift.shape) and ignore == IGNORE_INDEX:
-            rows = label_rows.to(shift.device, non_blocking=True).rows  # counted on the host by the collator
+            label_rows = label_rows.to(shift.device, non_blocking=True)  # counted on the host by the collator
         else:  # the fallback's one host read: the number of label rows
             if label_rows is not None:
                 log.warning("loss_tokens: the batch's %s is for shape %s (ignore_index -100), this forward has %s "
                             "(ignore_index %s); finding the label rows on the device instead",
                             LABEL_ROWS_KEY, label_rows.shape, tuple(shift.shape), ignore)
-            rows = LabelRows.from_shifted(shift, ignore).rows
+            label_rows = LabelRows.from_shifted(shift, ignore, tight=False)
             self.host_reads += 1
-        self.holder.set(rows if self.last_block_skip else None, shift.shape)
+        rows = label_rows.rows
+        self.last_block.rows = label_rows if self.last_block_skip else None
         out = self.lm.base_model(**bound)
         hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
@@ -300,9 +272,13 @@ def apply_loss_tokens(model: nn.Module, chunk_size: int = 1024, verify: bool = T
     sig = inspect.signature(orig_forward)
     if "labels" not in sig.parameters:
         raise ValueError(f"sparsity.loss_tokens cannot wrap {name}: its forward takes no labels")
-    holder = _LastBlockRows()
-    skip = _install_last_block_mlp(lm, holder) if last_block else False
-    state = LossTokenState(lm, chunk_size, scale, softcap, skip, holder, orig_forward)
+    layers = decoder_layers(lm)
+    if last_block and layers is not None and len(layers):
+        block = install_last_block(layers[-1], cfg)
+    else:
+        block = LastBlock()
+        block.reason = "last_block=False" if not last_block else "no decoder layers found"
+    state = LossTokenState(lm, chunk_size, scale, softcap, block, orig_forward)
 
     @functools.wraps(orig_forward)  # keeps the signature Trainer inspects (columns, loss kwargs)
     def forward(*args, **kwargs):
@@ -316,7 +292,7 @@ def apply_loss_tokens(model: nn.Module, chunk_size: int = 1024, verify: bool = T
         arguments.update(extra)
         has_labels = arguments.get("labels") is not None or arguments.get("shift_labels") is not None
         if not (has_labels and lm.training and torch.is_grad_enabled()):
-            holder.set(None, None)
+            block.rows = None
             return orig_forward(*args, **kwargs)
         return state.sparse_forward(arguments, label_rows)
 
@@ -328,10 +304,12 @@ def apply_loss_tokens(model: nn.Module, chunk_size: int = 1024, verify: bool = T
     lm._efft_loss_tokens = state
     if verify:
         try:
-            _verify(lm, state)
+            checked = _verify(lm, state)
         except Exception:
             remove_loss_tokens(lm)
             raise
+        if checked:
+            block.prune()  # the check forward showed which last-block modules run after the attention
     return model
 
 
@@ -343,19 +321,16 @@ def remove_loss_tokens(model: nn.Module) -> nn.Module:
         return model
     del lm.forward
     lm.__dict__.pop("accepts_loss_kwargs", None)
-    layers = decoder_layers(lm)
-    mlp = getattr(layers[-1], "mlp", None) if layers is not None and len(layers) else None
-    if mlp is not None and hasattr(mlp, "_efft_orig_forward"):
-        del mlp.forward
-        del mlp._efft_orig_forward
+    state.last_block.remove()
     return model
 
 
-def _verify(lm: nn.Module, state: LossTokenState) -> None:
-    """Compare the wrapped loss with the model's own on a short input (eval mode, no grad)."""
+def _verify(lm: nn.Module, state: LossTokenState) -> bool:
+    """Compare the wrapped loss with the model's own on a short input (eval mode, no grad); False
+    when there are no weights to run (meta device)."""
     p = next(lm.parameters(), None)
     if p is None or p.device.type == "meta":
-        return
+        return False
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     vocab = int(getattr(cfg, "vocab_size"))
     g = torch.Generator().manual_seed(0)
@@ -369,7 +344,7 @@ def _verify(lm: nn.Module, state: LossTokenState) -> None:
             ref = state.orig_forward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
             got = state.sparse_forward(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels))[0]
     finally:
-        state.holder.set(None, None)
+        state.last_block.rows = None
         state.host_reads = 0  # the check input carries no label rows; count training forwards only
         lm.train(was_training)
     tol = 1e-3 if p.dtype == torch.float32 else 3e-2
@@ -379,3 +354,4 @@ def _verify(lm: nn.Module, state: LossTokenState) -> None:
             f"lm_head(base_model(...)) (check loss {float(got):.6f} vs the model's own {float(ref):.6f}); "
             "disable sparsity.loss_tokens for this model family"
         )
+    return True

@@ -129,7 +129,7 @@ def test_eval_and_generation_unchanged():
 def test_peft_lora_model_gradients_equal():
     peft = pytest.importorskip("peft")
     base = tiny_model("llama")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
     dense = peft.get_peft_model(base, cfg)
     sparse = copy.deepcopy(dense)
     assert apply_loss_tokens(sparse) is sparse

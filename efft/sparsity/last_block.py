@@ -1,0 +1,243 @@
+"""The last decoder block on label rows only, keys and values still on every position (exact).
+
+After the last block, a position's hidden state reaches the loss only if its shifted label is not
+-100 (the final norm is per row and the head runs on label rows). Inside the last block a position
+without a label still matters through one thing: the keys and values its attention computes for
+the label positions after it. Everything else it does there is wasted, so, for the last block:
+
+- attention: the model's own attention function (its ``attn_implementation``: eager or sdpa)
+  gets the queries of the label rows only, with the matching rows of the mask (a causal mask built
+  from the positions when sdpa would have used ``is_causal``); keys and values are those of all
+  positions. Installed through transformers' attention-function registry: the last block's
+  attention module gets a copy of the config naming :data:`ATTENTION_NAME`, whose function calls
+  the implementation the model's own config names at call time.
+- every module that runs after the attention scores inside the block (the output projection, the
+  post-attention norms, the MLP, dropouts) runs on the label rows only: found at run time as the
+  children of the attention module and of the block that are called after the attention function.
+
+The outputs of the rows without labels are zeros. They must be finite, not merely unused: the
+block's residual additions (inside the model's own forward, not reachable generically) and the
+final norm still run on every row, and their backward multiplies the zero gradient of those rows by
+values computed from them (0 * inf would be nan). Dropout inside the block draws its mask for the
+label rows only, so with dropout on the result equals the dense one in distribution, not bitwise.
+
+Refused (the block runs unchanged, the reason kept in ``LastBlock.reason``): routed experts (an
+expert's capacity can depend on every row), no single self-attention module in the block, a
+modeling file without ``eager_attention_forward``, GPT-2's ``reorder_and_upcast_attn``. With no
+attention module found, the block's ``mlp`` alone runs on the label rows, as before.
+Attention implementations other than eager and sdpa (flash, flex: their masks are not per-query
+rows) run unrestricted at call time; the modules after them still run on the label rows.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .label_rows import LabelRows
+
+ATTENTION_NAME = "efft_label_rows"
+_RESTRICTABLE = ("eager", "sdpa")
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+class LastBlock:
+    """What runs on label rows in the last block, and the label rows of the current forward."""
+
+    def __init__(self):
+        self.rows: Optional[LabelRows] = None  # on the model's device; None: every module runs on all rows
+        self.after_attention = False  # set once the block's attention has run in this (re)computation
+        self.stash: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (scattered, compact) attention output
+        self.attention: Optional[nn.Module] = None  # the attention module whose queries are restricted
+        self.modules: list[str] = []  # names (under the block) of the modules run on label rows
+        self.ran: set[str] = set()  # of those, the ones that did so since the last prune()
+        self.reason: Optional[str] = None  # why the attention is not restricted
+        self.query_rows: Optional[int] = None  # query rows the attention function computed last (inspection)
+        self._undo: list[Callable[[], None]] = []
+        self._unwrap: dict[str, Callable[[], None]] = {}
+
+    @property
+    def restricts_attention(self) -> bool:
+        return self.attention is not None
+
+    def prune(self) -> None:
+        """Unwrap the modules that have not run on label rows (those called before the attention, or
+        not at all) in the forwards since install: after one forward the order is known."""
+        for name in [n for n in self.modules if n not in self.ran]:
+            self._unwrap[name]()
+        self.ran.clear()
+
+    def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        self.attention, self.modules, self.rows = None, [], None
+
+
+def _gather_rows(t: torch.Tensor, positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` at ``positions`` (B, K) along ``dim`` (batch dim 0, possibly broadcast from 1); for tensors
+    without gradient (gather keeps its input for backward)."""
+    b, k = positions.shape
+    if t.shape[0] != b:
+        t = t.expand(b, *t.shape[1:])
+    view = [1] * t.dim()
+    view[0], view[dim] = b, k
+    size = list(t.shape)
+    size[dim] = k
+    return t.gather(dim, positions.view(view).expand(size))
+
+
+def _implementation(module: nn.Module) -> tuple[str, Callable]:
+    """The attention function the model's own config names, looked up as the model's forward does."""
+    impl = module._efft_model_config._attn_implementation
+    ns = sys.modules[type(module).__module__]
+    return impl, ns.ALL_ATTENTION_FUNCTIONS.get_interface(impl, ns.eager_attention_forward)
+
+
+def label_rows_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """Registered as :data:`ATTENTION_NAME`: the model's attention on the label rows' queries only."""
+    block: LastBlock = module._efft_last_block
+    impl, fn = _implementation(module)
+    rows = block.rows
+    b, _, q_len, _ = query.shape
+    mask = attention_mask
+    usable = (rows is not None and impl in _RESTRICTABLE and rows.shape == (b, q_len) and key.shape[2] == q_len
+              and (mask is None or (mask.dim() == 4 and mask.shape[2] in (1, q_len))))
+    block.stash = None
+    if not usable:
+        block.query_rows = b * q_len
+        out = fn(module, query, key, value, attention_mask, **kwargs)
+        block.after_attention = True
+        return out
+    pos = rows.positions
+    k = pos.shape[1]
+    if mask is not None and mask.shape[2] == q_len:
+        mask = _gather_rows(mask, pos, 2)
+    elif mask is None and impl == "sdpa":
+        causal = kwargs.pop("is_causal", None)
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        if causal:  # sdpa would have used is_causal over the full square: the same rows, explicitly
+            mask = torch.arange(q_len, device=pos.device)[None, None, None, :] <= pos[:, None, :, None]
+    block.query_rows = b * k
+    # index_select keeps only the index for backward (gather would keep all of ``query``)
+    flat = (pos + torch.arange(b, device=pos.device)[:, None] * q_len).reshape(-1)
+    heads, dim = query.shape[1], query.shape[3]
+    q = query.transpose(1, 2).reshape(b * q_len, heads, dim).index_select(0, flat).view(b, k, heads, dim).transpose(1, 2)
+    out, _ = fn(module, q, key, value, mask, **kwargs)  # (B, K, heads, head_dim)
+    compact = out.reshape(b * k, -1)  # a view of what the attention keeps for backward (sdpa: its output)
+    picked = compact if b * k == rows.count else compact.index_select(0, rows.slots)
+    full = picked.new_zeros(b * q_len, picked.shape[1]).index_put((rows.rows,), picked)  # keeps only the index
+    block.stash = (full, compact)  # the output projection reads ``compact`` when it gets ``full``
+    block.after_attention = True
+    return full.view(b, q_len, *out.shape[2:]), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, label_rows_attention)
+
+
+def _wrap_rowwise(module: nn.Module, name: str, block: LastBlock, mode: str) -> None:
+    """``module`` (a per-row map of (B, S, X)) runs on the label rows only.
+
+    ``mode``: ``after`` once the block's attention has run, ``always`` from the start (the MLP when
+    no attention module is known), ``output`` only on the attention function's compact output (the
+    attention's own output projection: it then reads a view of what the attention keeps for
+    backward instead of a gathered copy). A module that turns out to return something else than
+    rows is unwrapped and runs on every row from then on.
+    """
+    orig = module.forward
+
+    def forward(x, *args, **kwargs):
+        rows = block.rows
+        if (rows is None or args or kwargs or not torch.is_tensor(x) or x.dim() != 3 or tuple(x.shape[:2]) != rows.shape
+                or (mode == "after" and not block.after_attention)):
+            return orig(x, *args, **kwargs)
+        if mode == "output":
+            full, compact = block.stash if block.stash is not None else (None, None)
+            if full is None or x.data_ptr() != full.data_ptr() or x.numel() != full.numel() or not x.is_contiguous():
+                return orig(x)
+            block.stash = None
+            inp = compact  # (B*K, X): one row per query the attention computed
+        else:
+            inp = x.reshape(-1, x.shape[-1]).index_select(0, rows.rows)
+        y = orig(inp)
+        if not (torch.is_tensor(y) and y.dim() == 2 and y.shape[0] == inp.shape[0]):
+            unwrap()
+            return orig(x)
+        if y.shape[0] != rows.count:  # padded query slots: keep the label rows' ones
+            y = y.index_select(0, rows.slots)
+        block.ran.add(name)
+        out = y.new_zeros((x.shape[0] * x.shape[1], y.shape[-1])).index_put((rows.rows,), y)  # index_copy would keep y
+        return out.view(*x.shape[:2], y.shape[-1])
+
+    def unwrap():
+        if module.__dict__.get("forward") is forward:
+            del module.forward
+        if name in block.modules:
+            block.modules.remove(name)
+
+    module.forward = forward
+    block._undo.append(unwrap)
+    block._unwrap[name] = unwrap
+
+
+def _attention_module(layer: nn.Module) -> tuple[Optional[str], Optional[nn.Module]]:
+    found = [(n, m) for n, m in layer.named_modules() if m is not layer and "layer_idx" in m.__dict__
+             and hasattr(m, "is_causal") and hasattr(getattr(m, "config", None), "_attn_implementation")]
+    return found[0] if len(found) == 1 else (None, None)
+
+
+def install_last_block(layer: nn.Module, cfg: Any) -> LastBlock:
+    """Restrict the last decoder block ``layer`` to label rows as far as it can be done generically."""
+    block = LastBlock()
+    if any(getattr(cfg, k, None) for k in _MOE_KEYS):
+        block.reason = "routed experts: an expert's capacity can depend on every row"
+        return block
+    name, attn = _attention_module(layer)
+    if attn is None:
+        block.reason = "no single self-attention module (one with layer_idx, is_causal and a config) in the last block"
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, nn.Module):
+            block.modules.append("mlp")
+            _wrap_rowwise(mlp, "mlp", block, "always")
+        return block
+    ns = sys.modules.get(type(attn).__module__)
+    if getattr(attn, "reorder_and_upcast_attn", False):
+        block.reason = "reorder_and_upcast_attn: the model's eager path bypasses the attention function"
+    elif ns is None or not callable(getattr(ns, "eager_attention_forward", None)) or not hasattr(ns, "ALL_ATTENTION_FUNCTIONS"):
+        block.reason = f"{type(attn).__module__} has no eager_attention_forward / ALL_ATTENTION_FUNCTIONS to call"
+    else:
+        _register()
+        shared = attn.config
+        own = copy.copy(shared)
+        own._attn_implementation_internal = ATTENTION_NAME  # this module only; the setter would touch sub-configs
+        attn._efft_model_config, attn._efft_last_block, attn.config = shared, block, own
+        block.attention = attn
+
+        def undo_attention():
+            attn.config = shared
+            for a in ("_efft_model_config", "_efft_last_block"):
+                attn.__dict__.pop(a, None)
+
+        block._undo.append(undo_attention)
+
+    def reset(*_):
+        block.after_attention, block.stash = False, None
+
+    def attended(*_):
+        block.after_attention = True
+
+    for h in (layer.register_forward_pre_hook(reset), attn.register_forward_hook(attended)):
+        block._undo.append(h.remove)
+    candidates = [(f"{name}.{n}", m, "output") for n, m in attn.named_children()] if block.restricts_attention else []
+    candidates += [(n, m, "after") for n, m in layer.named_children() if not any(sub is attn for sub in m.modules())]
+    for n, m, mode in candidates:
+        block.modules.append(n)
+        _wrap_rowwise(m, n, block, mode)
+    return block

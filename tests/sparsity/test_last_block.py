@@ -1,0 +1,162 @@
+"""The last decoder block on label rows only (attention queries, output projection, norms, MLP) vs
+the model's own dense forward: same weights, same batch, the tolerance table of test_loss_tokens
+(float32: 1e-5 relative, over the loss and every parameter gradient).
+
+Batches have uneven label counts per row, right- and left-padded rows, and (mistral, gemma2)
+sliding windows shorter than the sequence, so the gathered mask rows and the padded query layout
+are exercised; gemma2 adds attention-logit softcapping.
+"""
+import copy
+
+import pytest
+import torch
+import transformers
+
+from efft.memory.tracker import SavedTensorCounter
+from efft.sparsity.label_rows import with_label_rows
+from efft.sparsity.loss_tokens import apply_loss_tokens, decoder_layers, remove_loss_tokens
+from tests.sparsity.test_loss_tokens import _assert_grads_equal, _rel
+from tests.tiny import tiny_batch, tiny_model
+
+TOL = 1e-5
+OUT_PROJ = {"gpt2": "attn.c_proj"}
+
+
+def _model(family, impl):
+    if family == "gemma2":
+        cfg = transformers.Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=5,
+                                        layer_types=["full_attention", "sliding_attention"], final_logit_softcapping=3.0,
+                                        attn_logit_softcapping=20.0)
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+    kw = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "mistral": dict(sliding_window=5)}.get(family, {})
+    model = tiny_model(family, **kw)
+    model.config._attn_implementation = impl
+    return model
+
+
+def _padded_batch(seed=2):
+    batch = tiny_batch(seq=16, batch=3, label_fraction=0.4, seed=seed)
+    batch["attention_mask"][0, 12:] = 0  # right padding
+    batch["labels"][0, 12:] = -100
+    batch["attention_mask"][1, :3] = 0  # left padding
+    batch["labels"][1, :3] = -100
+    return batch
+
+
+CASES = [(f, i) for f in ("llama", "qwen2", "mistral", "gemma", "gpt2") for i in ("eager", "sdpa")] + [("gemma2", "eager")]
+
+
+@pytest.mark.parametrize("family,impl", CASES, ids=[f"{f}-{i}" for f, i in CASES])
+def test_last_block_on_label_rows_equals_dense(family, impl):
+    dense = _model(family, impl).train()
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse, chunk_size=7)
+    sparse.train()
+    block = sparse._efft_loss_tokens.last_block
+    assert block.restricts_attention and block.reason is None
+    assert {"mlp", OUT_PROJ.get(family, "self_attn.o_proj")} <= set(block.modules), block.modules
+    batch = _padded_batch()
+    indexed = with_label_rows(batch)
+    ref, out = dense(**batch), sparse(**indexed)
+    assert block.query_rows == 3 * indexed["efft_label_rows"].positions.shape[1] < 3 * 16
+    assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
+    ref.loss.backward()
+    out.loss.backward()
+    _assert_grads_equal(dense, sparse, TOL)
+
+
+def test_gradient_checkpointing_recomputes_the_same_rows():
+    """The block's forward runs twice (the recomputation in backward): each run starts before the
+    attention again, so the modules before it see every row both times."""
+    dense = _model("llama", "sdpa").train()
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse)
+    for m in (dense, sparse):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    batch = _padded_batch(seed=4)
+    ref, out = dense(**batch), sparse(**with_label_rows(batch))
+    ref.loss.backward()
+    out.loss.backward()
+    assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
+    _assert_grads_equal(dense, sparse, TOL)
+
+
+def _attention_saved_bytes(model, batch) -> int:
+    """Bytes saved for backward inside the last block's attention module (parameters excluded)."""
+    attn = decoder_layers(model)[-1].self_attn
+    counter = SavedTensorCounter(exclude_module=model)
+
+    def enter(*_):
+        counter.__enter__()
+
+    def leave(*_):
+        counter.__exit__(None, None, None)
+
+    hooks = [attn.register_forward_pre_hook(enter), attn.register_forward_hook(leave)]
+    try:
+        model(**batch).loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return counter.total_bytes
+
+
+def test_attention_work_and_saved_bytes_fall_with_the_label_fraction():
+    """seq 128, one row, the first (1 - f) of it an unlabeled prompt: the attention function gets
+    one query row per label row, and the bytes its module keeps for backward (eager: the
+    heads x queries x seq probabilities dominate) fall with f; the dense model keeps the same at
+    every f."""
+    seq = 128
+    dense = tiny_model("llama", hidden=32, heads=4).train()
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse)
+    sparse.train()
+    block = sparse._efft_loss_tokens.last_block
+    ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(0))
+    measured = {}
+    for f in (1.0, 0.5, 0.25):
+        labels = ids.clone()
+        labels[:, : int(seq * (1 - f))] = -100
+        batch = {"input_ids": ids, "labels": labels}
+        indexed = with_label_rows(batch)
+        measured[f] = (_attention_saved_bytes(dense, batch), _attention_saved_bytes(sparse, indexed))
+        assert block.query_rows == indexed["efft_label_rows"].count == int(seq * f) - (f == 1.0)
+    print({f: f"{s / d:.2f} of dense" for f, (d, s) in measured.items()})
+    dense_bytes = measured[1.0][0]
+    assert all(d == dense_bytes for d, _ in measured.values())
+    assert measured[1.0][1] <= 1.01 * dense_bytes
+    assert measured[0.5][1] <= 0.65 * dense_bytes
+    assert measured[0.25][1] <= 0.45 * dense_bytes
+
+
+def test_refused_attention_keeps_the_modules_after_it_on_label_rows():
+    """GPT-2 with reorder_and_upcast_attn computes eager attention outside the attention function:
+    the queries are not restricted (reason recorded), the MLP after the attention still is."""
+    dense = tiny_model("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, reorder_and_upcast_attn=True).train()
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse)
+    sparse.train()
+    block = sparse._efft_loss_tokens.last_block
+    assert not block.restricts_attention and "reorder_and_upcast_attn" in block.reason
+    assert "mlp" in block.modules and not any(n.startswith("attn.") for n in block.modules)
+    batch = _padded_batch(seed=5)
+    ref, out = dense(**batch), sparse(**with_label_rows(batch))
+    assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
+    ref.loss.backward()
+    out.loss.backward()
+    _assert_grads_equal(dense, sparse, TOL)
+
+
+def test_remove_restores_the_attention_config_and_forwards():
+    model = tiny_model("qwen2")
+    layer = decoder_layers(model)[-1]
+    config = layer.self_attn.config
+    apply_loss_tokens(model)
+    assert layer.self_attn.config is not config and layer.self_attn.config._attn_implementation == "efft_label_rows"
+    assert model.config._attn_implementation == "eager"  # the model's own config is untouched
+    remove_loss_tokens(model)
+    assert layer.self_attn.config is config
+    assert not [n for n, m in layer.named_modules() if "forward" in m.__dict__]
