@@ -57,13 +57,17 @@ def runs(data_path, tmp_path_factory):  # noqa: F811
     launch["fsdp-sampled"] = _fsdp(recipe_dict(data_path, root / "fsdp-sampled", 2, SAMPLED))
     launch["ddp-sampled"] = recipe_dict(data_path, root / "ddp-sampled", 2, SAMPLED)
     (root / "launch.json").write_text(json.dumps(launch))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(Path(__file__).with_name("fsdp_worker.py")), str(root / "launch.json")]
+    _launch(cmd)
+    return root
+
+
+def _launch(cmd: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    return root
 
 
 def _losses(run: Path) -> list[float]:
@@ -121,6 +125,22 @@ def test_fsdp_sampled_linear_equals_ddp_on_the_same_per_rank_batches(runs):
     assert len(got) == 4
     assert got == pytest.approx(want, rel=0, abs=2e-5)
     _assert_same_weights(runs / "ddp-sampled" / "final", runs / "fsdp-sampled" / "final")
+
+
+@pytest.mark.timeout(600)
+def test_accelerate_launch_of_efft_train_equals_torchrun(runs, tmp_path):
+    """``accelerate launch`` (its torchrun-based launcher; on CPU TrainingArguments picks gloo) runs the
+    same DDP training as torchrun: the sampled-linear recipe, whose per-rank draws would differ if the
+    processes or their batches did."""
+    recipe = json.loads((runs / "launch.json").read_text())["ddp-sampled"]
+    recipe["train"]["output_dir"] = str(tmp_path / "accelerate")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+             "--main_process_port", str(_free_port()), "-m", "efft.cli", "train", str(tmp_path / "r.yaml")])
+    got, want = _losses(tmp_path / "accelerate"), _losses(runs / "ddp-sampled")
+    assert len(got) == 4 and got == want
+    _assert_same_weights(runs / "ddp-sampled" / "final", tmp_path / "accelerate" / "final")
 
 
 def _recipe(**sections) -> dict:
