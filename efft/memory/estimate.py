@@ -1043,6 +1043,9 @@ def _candidates(r) -> list[tuple[float, str, list[tuple[str, Any]]]]:
         c.append((6, "optimizer state offloaded to the host", [("offload.optimizer", True)]))
     if not off.activations:
         c.append((6.5, "activation offload to the host", [("offload.activations", True)]))
+    if q.type == "int8" and q.trainable and q.embeddings == "trainable":
+        c.append((6.2, "embedding and LM head kept in host memory, updated on the CPU (streamed in chunks)",
+                  [("quant.embeddings", "host")]))
     if q.type == "int8" and q.trainable and o.layerwise and not off.weights:
         c.append((8, "int8 decoder layers streamed from host memory (copies every layer twice a step)",
                   [("offload.weights", True)]))
@@ -1072,6 +1075,10 @@ def _apply(r, changes: list[tuple[str, Any]]):
         node[parts[-1]] = value
     new = C.Recipe.model_validate(d)
     if C._combination_problems(new):
+        return None
+    from efft.compose import recipe_problems  # what a plugin would refuse is no suggestion either
+
+    if recipe_problems(new):
         return None
     return new
 

@@ -287,6 +287,17 @@ def test_planner_moves_embedding_and_head_to_host(data_path, tmp_path):
     assert model.lm_head.residency.peak_head_rows_on_device * 64 * 4 == 2 * 128 * 64 * 4
 
 
+def test_planner_suggests_host_embeddings_for_the_8b_int8_recipe():
+    """The shipped 8B int8 recipe with trainable embedding/head misses its 12 GiB; the cheapest change
+    the planner finds is host mode, predicted as planning that variant directly."""
+    path = config.find_recipe("llama3-8b-int8-apollo-mini")
+    trainable = estimate(config.load_recipe(path, ["quant.embeddings=trainable"], weights=False), "12GiB")
+    host = estimate(config.load_recipe(path, ["quant.embeddings=host"], weights=False), "12GiB")
+    assert not trainable.fits and host.fits
+    assert trainable.suggestion_changes == ["quant.embeddings=host"] and trainable.suggestion_total == host.total
+    assert host.host >= 2 * 128256 * 4096 * 4 * 4  # embedding + head: weight, gradient, two moments
+
+
 # -------------------------------------------------------------------------- (f) efft train + refusals
 def test_recipe_trains_through_efft_train_with_layerwise_apollo_and_loss_tokens(data_path, tmp_path):
     from efft.train import train
