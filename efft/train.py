@@ -68,6 +68,11 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     from efft.compose import check_recipe
 
     check_recipe(recipe)  # plugin-level refusals come before any weight loads
+    if recipe.train.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        from efft.config import RecipeError
+        from efft.integrations.fsdp import ALONE
+
+        raise RecipeError([("train.fsdp", ALONE)])
     _check_fits(recipe)
     t = recipe.train
     out_dir = Path(t.output_dir)

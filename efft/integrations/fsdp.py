@@ -19,6 +19,8 @@ from typing import Any
 from torch import nn
 
 PROJECTED = ("galore", "apollo", "apollo_mini", "frugal")
+ALONE = ("FSDP shards over several processes: launch with torchrun --nproc_per_node N (or accelerate launch); "
+         "this process is alone")
 
 
 def fsdp_problems(recipe: Any) -> list[tuple[str, str]]:

@@ -228,11 +228,10 @@ class EfftPlugin:
     def _shard(self, model, args: TrainingArguments) -> None:
         """FSDP2 over the launch's ranks, before the optimizer is built on the sharded parameters."""
         from efft.config import RecipeError
-        from efft.integrations.fsdp import is_sharded, shard_model
+        from efft.integrations.fsdp import ALONE, is_sharded, shard_model
 
         if args.world_size < 2:  # reading it also starts the process group under torchrun
-            raise RecipeError([("train.fsdp", "FSDP shards over several processes: launch with torchrun --nproc_per_node N "
-                                              "(this process is alone)")])
+            raise RecipeError([("train.fsdp", ALONE)])
         if not is_sharded(model):
             shard_model(model, reshard_after_forward=self.recipe.train.fsdp_config.reshard_after_forward)
 

@@ -204,10 +204,27 @@ def test_plugin_refuses_checkpoints_transformers_cannot_write_for_fsdp(tmp_path)
                                                        save_only_model=True))
 
 
-def test_fsdp_in_one_process_says_to_launch_with_torchrun(tmp_path):
+def test_fsdp_in_one_process_says_to_launch_with_torchrun(tmp_path, data_path):  # noqa: F811
     from tests.tiny import tiny_model
 
     plugin = EfftPlugin({"train": {"fsdp": True, "output_dir": str(tmp_path)}})
     args = plugin.training_arguments(use_cpu=True)
     with pytest.raises(RecipeError, match="torchrun"):
         plugin.trainer_kwargs(tiny_model(), args)
+    with pytest.raises(RecipeError, match="torchrun"):  # efft train: before the model loads
+        train(config.validate(_fsdp(recipe_dict(data_path, tmp_path / "out", 2, {}))))
+    assert not (tmp_path / "out").exists()
+
+
+def test_efft_validate_lists_every_fsdp_refusal(tmp_path, capsys):
+    from efft.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(optim={"name": "apollo_mini"}, sparsity={"partial": {"enabled": True}},
+                                           offload={"activations": True})))
+    assert main(["validate", str(path)]) == 2
+    out = capsys.readouterr()
+    text = out.out + out.err
+    for p in ("optim.name", "sparsity.partial.enabled", "offload.activations"):
+        assert f"- {p}: " in text
+    assert "3 problems" in text
