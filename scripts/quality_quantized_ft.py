@@ -250,6 +250,23 @@ def write_card(scratch: list[dict], finetunes: dict[float, list[dict]], args, ou
         "`transformers.Trainer` takes the optimizer through `optimizers=(opt, None)` and saves int8 checkpoints "
         "that resume bit for bit.",
         "",
+        "Embedding and LM head (`quant.embeddings`): `frozen` (the default: no gradient, no state), "
+        "`trainable` (full precision on the device; their state comes from the `optim` section, 8-bit with "
+        "`optim.state_bits: 8` or `name: adamw8bit`) or `host`: float32 in host memory (pinned with CUDA), "
+        "never whole on the device. The embedding copies only the looked-up rows to the device and index-adds "
+        "their gradient into a host gradient; the LM head is a custom autograd Function streaming "
+        "`quant.head_chunk_rows` vocabulary rows at a time (the next chunk prefetched on a side stream, at "
+        "most two chunks on the device), in forward and again in backward, each chunk's dW copied to the "
+        "host; loss-token skipping calls it per row chunk. Their AdamW update (the main optimizer's "
+        "plain-AdamW part) runs on CPU worker threads as soon as their gradient is complete, clipped as the "
+        "main optimizer clips (`efft.offload.host_embeddings`, `efft.offload.host_optimizer`). On CPU, "
+        "training with `host` is bitwise the same as with `trainable` when one chunk covers the vocabulary, "
+        "tied and untied, with accumulation and clipping (`tests/quantized_ft/test_host_embeddings.py`). "
+        "Planned (not measured) for the 8B recipe with embedding and head trained: 21.6 GiB with `trainable`, "
+        "10.1 GiB on the device + 15.7 GiB of host memory with `host`. One process only; refused with fp16 "
+        "and `offload.optimizer`. The CPU update's speed and how much of the chunk copies the prefetch hides "
+        "are not measured (no GPU was used).",
+        "",
     ]
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
