@@ -26,25 +26,20 @@ layer-wise mode.
 
 Several processes (DDP, ``torchrun``): build the optimizer after ``init_process_group`` and call
 ``keep_out_of_ddp(model)`` before wrapping the model (the factory does; Trainer and accelerate wrap
-later and honour it), so DDP's reducer never holds these gradients. The hooks average them across
-ranks themselves, on the micro-batch that completes the step only (earlier micro-batches
-accumulate locally): GaLore off its refresh steps all-reduces the r x n projection P^T G (exact:
-P is the same on every rank and the projection is linear), everything else the full gradient
-(GaLore's refresh, so every rank takes the same SVD basis; APOLLO scales the full gradient by a
-factor learnt from its projection, and FRUGAL takes the sign of the full remainder, so both need
-the averaged full gradient; their seeded projections are equal on every rank already). The
-all-reduce is asynchronous and the update waits for it in the next parameter's gradient hook (or
-at the end of backward), so communication overlaps the next gradient's computation (at the cost of
-one more full-size gradient alive: the one in flight). The collectives match across ranks because every rank differentiates
-the same graph: the autograd engine runs one backward's nodes in an order fixed by the forward
-(nodes created later first), so the AccumulateGrad nodes, and these hooks, fire in the same order
-everywhere (data-dependent graphs that skip a parameter on some ranks only are not supported).
-Parameters with fewer than two dimensions (norms, biases) stay with DDP, which needs at least one
-parameter and all-reduces these tiny vectors in buckets; they are updated at the end of the
-backward that completes the step, after DDP's reduction (before Trainer's own clipping could see
-them; after a short last accumulation cycle they are updated in ``step()``, where Trainer's clip
-has scaled them by their own norm). Norms, clip coefficients and updates are computed from the
-averaged gradients, so every rank takes identical steps, equal to one process on the global batch.
+later and honour it), so DDP's reducer never holds these gradients (efft.integrations.ddp says
+how and why). The hooks average them across ranks themselves, on the micro-batch that completes
+the step only (earlier micro-batches accumulate locally): GaLore off its refresh steps all-reduces
+the r x n projection P^T G (exact: P is the same on every rank and the projection is linear),
+everything else the full gradient (GaLore's refresh, so every rank takes the same SVD basis;
+APOLLO scales the full gradient by a factor learnt from its projection, and FRUGAL takes the sign
+of the full remainder, so both need the averaged full gradient; their seeded projections are equal
+on every rank already). The all-reduce is asynchronous; the update waits for it in the next
+parameter's tensor hook, which fires before an int8 carrier's hook can write that weight back.
+Parameters with fewer than two dimensions stay with DDP and are updated at the end of the
+backward that completes the step (after a short last accumulation cycle, in ``step()``, where
+Trainer's clip has scaled them by their own norm first). Norms, clip coefficients and updates
+are computed from the averaged gradients, so every rank takes identical steps, equal to one
+process on the global batch.
 """
 from __future__ import annotations
 
@@ -52,19 +47,11 @@ import math
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch.optim import Optimizer
 
+from efft.integrations.ddp import BackwardAllReduce, broadcast_from_rank0, ignore_in_ddp, split_for_ddp, world_size
+
 from .base import ProjectedOptimizer
-
-
-def world_size() -> int:
-    """Processes in the default group (1 without torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _queue_callback(fn: Callable[[], None]) -> None:
-    torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -90,37 +77,22 @@ class LayerwiseOptimizer(Optimizer):
         self._acc: dict[torch.Tensor, torch.Tensor] = {}
         self.world_size = world_size()
         params = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
-        #: Parameters left to DDP under several processes (updated at the end of backward); see the
-        #: module docstring. Empty in one process: every parameter is updated in its own hook.
-        self.ddp_params = ddp_reduced(params) if self.world_size > 1 else []
-        self.layerwise_params = [p for p in params if not any(p is q for q in self.ddp_params)]
-        self._pending: tuple | None = None  # (param, gradient being all-reduced, projected?, work)
-        self._queued = False
-        self._completed_step = False  # this backward finished the step for some parameter
-        self._checked_ddp = False
+        #: ``ddp_params``: left to DDP under several processes (see efft.integrations.ddp); empty in
+        #: one process, where every parameter is updated in its own hook.
+        self.layerwise_params, self.ddp_params = split_for_ddp(params) if self.world_size > 1 else (params, [])
+        self._reducer = None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.layerwise_params]
         if self.world_size > 1:
-            self._handles += [p.register_hook(self._before_accumulate) for p in self.layerwise_params]
-            with torch.no_grad():  # DDP broadcasts rank 0's weights for the parameters it holds; these too
-                for p in self.layerwise_params:
-                    if 0 not in p.stride():  # stride-0 carriers (int8 weights) hold no values of their own
-                        dist.broadcast(p.data, src=0)
+            self._reducer = BackwardAllReduce(self.world_size, self.ddp_params, self._apply,
+                                              lambda p: self._apply(p, p.grad, False), "layerwise")
+            self._handles += [p.register_hook(self._reducer.arrived) for p in self.layerwise_params]
+            broadcast_from_rank0(self.layerwise_params)
 
     def keep_out_of_ddp(self, model: torch.nn.Module) -> list[str]:
         """Tell DDP (``torch.nn.parallel.DistributedDataParallel``, also as Trainer/accelerate build
         it) to leave this optimizer's layer-wise parameters alone: call before wrapping ``model``.
         Returns the names added to the model's ignore list (none in one process)."""
-        if self.world_size == 1:
-            return []
-        mine = {id(p) for p in self.layerwise_params}
-        names = [n for n, p in model.named_parameters() if id(p) in mine]
-        if len(names) != len(mine):
-            raise ValueError(f"keep_out_of_ddp: {len(mine) - len(names)} of the optimizer's layer-wise parameters are "
-                             "not parameters of this model; pass the model the optimizer was built over")
-        old = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, old + [n for n in names if n not in old])
-        return names
+        return ignore_in_ddp(model, self.layerwise_params, "LayerwiseOptimizer") if self._reducer else []
 
     # ------------------------------------------------------------------------------- hooks
     @torch.no_grad()
@@ -134,16 +106,7 @@ class LayerwiseOptimizer(Optimizer):
                 self._acc[p] = r if p not in self._acc else self._acc[p].add_(r)
                 p.grad = None
             return
-        self._completed_step = True
         self._finish(p)
-
-    def _before_accumulate(self, grad: torch.Tensor) -> None:
-        """Tensor hook, before the gradient lands in ``.grad`` (several processes only): the update
-        waiting for its all-reduce runs now, before the next int8 carrier hook writes weights back."""
-        if not self._queued:
-            self._queued = True
-            _queue_callback(self._end_of_backward)  # queued before any other hook of this backward
-        self._complete_pending()
 
     def _projectable(self, p: torch.Tensor) -> bool:
         needs = getattr(self.inner, "needs_full_grad", None)
@@ -151,7 +114,7 @@ class LayerwiseOptimizer(Optimizer):
 
     def _finish(self, p: torch.Tensor) -> None:
         """The parameter's last micro-batch: update from the accumulated gradient, free it.
-        Several processes: average it across ranks first (asynchronously; see _complete_pending)."""
+        Several processes: average it across ranks first (asynchronously: efft.integrations.ddp)."""
         acc = self._acc.pop(p, None)
         if acc is None and self.world_size > 1 and p.grad is not None and self._projectable(p):
             acc = self.inner.project_grad(p, p.grad)  # only the projection travels
@@ -162,14 +125,11 @@ class LayerwiseOptimizer(Optimizer):
             p.grad = None
         if grad is None:
             return
-        if world_size() != self.world_size:
-            raise RuntimeError(f"layerwise: the optimizer was built for {self.world_size} process(es), training runs "
-                               f"with {world_size()}; build it after torch.distributed.init_process_group")
-        if self.world_size > 1:
-            grad.div_(self.world_size)
-            work = dist.all_reduce(grad, async_op=True)
-            self._complete_pending()
-            self._pending = (p, grad, acc is not None, work)
+        if self._reducer is not None:
+            self._reducer.launch(p, grad, acc is not None)  # _apply runs when the average is in
+        elif world_size() != 1:
+            raise RuntimeError(f"layerwise: the optimizer was built for one process, training runs with {world_size()}; "
+                               "build it after torch.distributed.init_process_group")
         else:
             self._apply(p, grad, acc is not None)
 
@@ -181,48 +141,6 @@ class LayerwiseOptimizer(Optimizer):
             self.inner.update_param(p, grad, self._clip)
         p.grad = None
 
-    @torch.no_grad()
-    def _complete_pending(self) -> None:
-        if self._pending is not None:
-            p, grad, projected, work = self._pending
-            self._pending = None
-            work.wait()
-            self._apply(p, grad, projected)
-
-    @torch.no_grad()
-    def _end_of_backward(self) -> None:
-        self._queued = False
-        self._complete_pending()
-        if self._completed_step and self.ddp_params:
-            _queue_callback(self._update_ddp_params)  # runs after DDP's own end-of-backward reduction
-        self._completed_step = False
-
-    @torch.no_grad()
-    def _update_ddp_params(self) -> None:
-        grads = [p for p in self.ddp_params if p.grad is not None]
-        if grads and not self._checked_ddp:
-            self._check_reduced(grads)
-        for p in grads:
-            self._apply(p, p.grad, False)
-
-    def _check_reduced(self, params: list) -> None:
-        """Once: the gradients left to DDP must be equal on every rank (else the model was not wrapped)."""
-        total = sum(p.grad.double().sum() for p in params)
-        both = torch.stack([total, -total])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        if both[0].item() != -both[1].item():
-            raise RuntimeError("layerwise: the gradients of the parameters left to DDP (norms, biases: "
-                               f"{len(params)} tensors) differ between ranks; wrap the model in "
-                               "torch.nn.parallel.DistributedDataParallel after building the optimizer")
-        self._checked_ddp = True
-
-    @torch.no_grad()
-    def finish_param(self, p: torch.Tensor) -> None:
-        """Apply ``p``'s pending gradient now, outside backward (what ``step()`` does for a short
-        accumulation cycle); weight streaming calls it one resident layer at a time."""
-        self._finish(p)
-        self._complete_pending()
-
     # -------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -231,20 +149,22 @@ class LayerwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._complete_pending()
+        if self._reducer is not None:
+            self._reducer.complete()
         for p in [q for q, n in self._calls.items() if n < self.gradient_accumulation_steps]:
             self._finish(p)  # fewer micro-batches than N (end of an epoch); same order on every rank
         for p in list(self._acc):
             self._finish(p)
-        self._complete_pending()
-        self._update_ddp_params()  # a short last cycle (DDP reduced them on its last micro-batch)
+        if self._reducer is not None:
+            self._reducer.complete()
+            self._reducer.update_ddp_params()  # a short last cycle (DDP reduced them on its last micro-batch)
+            self._reducer.end_step()
         norm = math.sqrt(float(self._sq_norm))  # the step's one host sync
         self.last_grad_norm = norm
         if self.max_grad_norm > 0:
             self._clip = min(1.0, self.max_grad_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
         self._sq_norm = 0.0
         self._calls.clear()
-        self._completed_step = False
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -285,7 +205,8 @@ class LayerwiseOptimizer(Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (after which backward no longer updates them)."""
-        self._complete_pending()
+        if self._reducer is not None:
+            self._reducer.complete()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -296,12 +217,3 @@ class LayerwiseOptimizer(Optimizer):
 
         return [LayerwiseCallback(self)]
 
-
-def ddp_reduced(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The parameters layer-wise mode leaves to DDP: those with fewer than two dimensions (norms,
-    biases: tiny, and DDP all-reduces them in buckets), or, when there are none, the smallest one
-    (DDP refuses a model in which it would reduce no parameter)."""
-    small = [p for p in params if p.dim() < 2]
-    if small or not params:
-        return small
-    return [min(params, key=lambda p: p.numel())]

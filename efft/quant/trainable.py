@@ -42,6 +42,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from efft.integrations.ddp import BackwardAllReduce, broadcast_from_rank0, ignore_in_ddp, split_for_ddp, world_size
+
 from .stochastic import (dequantize_int8_blockwise, mix_seed, n_blocks, quantize_int8_blockwise,
                          requantize)
 
@@ -398,6 +400,9 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
     applies any gradient still pending (a short last cycle) and is otherwise a no-op.
     Clipping: ``max_grad_norm`` clips each parameter's gradient norm separately (the global norm does
     not exist yet when the first layer is updated); ``None`` disables it.
+    Several processes (DDP): build it after ``init_process_group`` and call ``keep_out_of_ddp(model)``
+    before wrapping the model; each gradient is averaged across ranks before its update (and its
+    clip), so every rank takes the steps of one process on the global batch (efft.integrations.ddp).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, gradient_accumulation_steps: int = 1,
@@ -408,10 +413,6 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise ValueError("Int8LayerwiseOptimizer: one process only (DDP would all-reduce the gradients after the hooks "
-                             "that consume them); under DDP use efft.optim's layer-wise mode (recipe optim.layerwise: "
-                             "true, or efft.optim.LayerwiseOptimizer), which drives int8 weights too")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         super().__init__(params, dict(optimizer.defaults))
         self.inner = optimizer
@@ -421,7 +422,16 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self._params = [p for p in params if p.requires_grad]
         self._counts: dict[int, int] = {id(p): 0 for p in self._params}
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+        # Several processes: see efft.integrations.ddp (1-D parameters stay with DDP; the others are
+        # averaged here, asynchronously, on the micro-batch that completes their accumulation).
+        self.world_size = world_size()
+        self._layerwise, self._ddp_params = split_for_ddp(self._params) if self.world_size > 1 else (self._params, [])
+        self._reducer = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._layerwise]
+        if self.world_size > 1:
+            self._reducer = BackwardAllReduce(self.world_size, self._ddp_params, lambda p, g, _: self._update(p),
+                                              self._update, "Int8LayerwiseOptimizer")
+            broadcast_from_rank0(self._layerwise)
         for p in self._params:
             if is_int8_carrier(p):
                 p._efft_int8_driven = True
@@ -429,9 +439,25 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
     def _on_grad(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
+        if self._reducer is not None:
+            self._reducer.arrived()  # the update whose all-reduce is in flight runs first
         self._counts[id(p)] += 1
         if self._counts[id(p)] >= self.accumulation:
+            self._finish(p)
+
+    def _finish(self, p: torch.Tensor) -> None:
+        if self._reducer is not None:
+            self._reducer.launch(p, p.grad)  # averages p.grad in place, then _update(p)
+        elif world_size() != 1:
+            raise RuntimeError(f"Int8LayerwiseOptimizer: built for one process, training runs with {world_size()}; "
+                               "build it after torch.distributed.init_process_group")
+        else:
             self._update(p)
+
+    def keep_out_of_ddp(self, model: nn.Module) -> list[str]:
+        """Tell DDP to leave the parameters updated here alone: call before wrapping ``model`` in
+        ``DistributedDataParallel`` (Trainer/accelerate wrap later and honour it). Returns the names."""
+        return ignore_in_ddp(model, self._layerwise, "Int8LayerwiseOptimizer") if self._reducer else []
 
     @torch.no_grad()
     def _update(self, p: torch.Tensor) -> None:
@@ -478,9 +504,13 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for p in self._params:
+        for p in self._layerwise:
             if p.grad is not None:
-                self._update(p)
+                self._finish(p)  # same order on every rank
+        if self._reducer is not None:
+            self._reducer.complete()
+            self._reducer.update_ddp_params()  # a short last cycle (DDP reduced them on its last micro-batch)
+            self._reducer.end_step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
@@ -514,6 +544,9 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
 
         class _Check(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
+                if args.world_size != opt.world_size:
+                    raise ValueError(f"Int8LayerwiseOptimizer: Trainer runs {args.world_size} process(es), the optimizer "
+                                     f"was built for {opt.world_size}; build it after TrainingArguments")
                 if args.gradient_accumulation_steps != opt.accumulation:
                     raise ValueError(f"gradient_accumulation_steps: Trainer uses {args.gradient_accumulation_steps}, "
                                      f"Int8LayerwiseOptimizer was built for {opt.accumulation}; build it with the same value")
@@ -521,6 +554,8 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
         return [_Check()]
 
     def remove_hooks(self) -> None:
+        if self._reducer is not None:
+            self._reducer.complete()
         for h in self._handles:
             h.remove()
         self._handles = []

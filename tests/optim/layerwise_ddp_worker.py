@@ -105,18 +105,35 @@ def unwrapped_error() -> str:
     return ""
 
 
-def int8_layerwise_error() -> str:
-    """Int8LayerwiseOptimizer (the int8 package's own layer-wise driver) refuses several processes."""
-    from efft.optim import APOLLOAdamW
+def run_int8_driver(steps: int = INT8_STEPS) -> dict:
+    """efft.quant's own Int8LayerwiseOptimizer (per-parameter clipping) around GaLore, int8 weights."""
+    from efft.optim import GaLoreAdamW
     from efft.quant.trainable import Int8LayerwiseOptimizer
-    from tests.quantized_ft.helpers import apollo_mini_groups, int8_model
+    from tests.quantized_ft.helpers import int8_model, int8_state
+
+    from .test_layerwise import micro_batches
 
     m = int8_model(hidden=32)
-    try:
-        Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(m)))
-    except ValueError as e:
-        return str(e)
-    return ""
+    low = [p for p in m.parameters() if p.requires_grad and p.dim() == 2]
+    rest = [p for p in m.parameters() if p.requires_grad and p.dim() < 2]
+    inner = GaLoreAdamW([{"params": rest}, {"params": low, "rank": 4, "update_proj_gap": 3}], lr=2e-3, weight_decay=0.01)
+    opt = Int8LayerwiseOptimizer(inner, gradient_accumulation_steps=ACCUM, max_grad_norm=CLIP)
+    fwd, out = m, {}
+    if rank_world()[1] > 1:
+        opt.keep_out_of_ddp(m)
+        fwd = torch.nn.parallel.DistributedDataParallel(m)
+        out["reducer_bytes"] = reducer_bytes(fwd)
+    losses = []
+    for s in range(steps):
+        for i, mb in enumerate(micro_batches(s, micro=MICRO, n=ACCUM)):
+            with fwd.no_sync() if fwd is not m and i < ACCUM - 1 else contextlib.nullcontext():
+                loss = fwd(**local_rows(mb)).loss
+                (loss / ACCUM).backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return {**out, "losses": losses, "int8": int8_state(m),
+            "params": [p.detach().clone() for p in m.parameters() if 0 not in p.stride()]}
 
 
 def run_trainer(name: str, out_dir: str) -> dict:
@@ -159,8 +176,8 @@ def main(out_dir: str) -> None:
             torch.save(run_plain(name), os.path.join(out_dir, f"plain-{name}-{rank}.pt"))
         torch.save(run_plain(INT8_OPTIM, int8=True, steps=INT8_STEPS), os.path.join(out_dir, f"int8-{INT8_OPTIM}-{rank}.pt"))
         torch.save(run_plain("galore", watch=True, accum=1, steps=2), os.path.join(out_dir, f"peak-galore-{rank}.pt"))
-        torch.save({"error": unwrapped_error(), "int8_error": int8_layerwise_error()},
-                   os.path.join(out_dir, f"unwrapped-{rank}.pt"))
+        torch.save({"error": unwrapped_error()}, os.path.join(out_dir, f"unwrapped-{rank}.pt"))
+        torch.save(run_int8_driver(), os.path.join(out_dir, f"int8-driver-{rank}.pt"))
         for name in TRAINER:
             torch.save(run_trainer(name, os.path.join(out_dir, f"trainer-{name}")),
                        os.path.join(out_dir, f"trainer-{name}-{rank}.pt"))
