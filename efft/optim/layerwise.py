@@ -141,6 +141,14 @@ class LayerwiseOptimizer(Optimizer):
             self.inner.update_param(p, grad, self._clip)
         p.grad = None
 
+    @torch.no_grad()
+    def finish_param(self, p: torch.Tensor) -> None:
+        """Apply ``p``'s pending gradient now, outside backward (what ``step()`` does for a short
+        accumulation cycle); weight streaming calls it one resident layer at a time."""
+        self._finish(p)
+        if self._reducer is not None:
+            self._reducer.complete()
+
     # -------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable | None = None):

@@ -496,7 +496,9 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
         """Apply ``p``'s pending gradient now (what ``step()`` does for each parameter of a short
         accumulation cycle); weight streaming calls it one resident layer at a time."""
         if p.grad is not None:
-            self._update(p)
+            self._finish(p)
+            if self._reducer is not None:
+                self._reducer.complete()
 
     def step(self, closure=None):
         """Applies gradients still pending (an accumulation cycle cut short); normally a no-op."""
