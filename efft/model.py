@@ -266,7 +266,9 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     model before and after fine-tuning."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    # the device the model computes on (a host-resident embedding's weight stays in host memory)
+    device = next((p.device for p in model.parameters() if not getattr(p, "_efft_host_resident", False)),
+                  next(model.parameters()).device)
     answers = []
     try:
         for prompt in prompts:

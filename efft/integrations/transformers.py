@@ -207,7 +207,8 @@ class EfftPlugin:
             self._shard(model, args)
         tracker = None
         off = self.recipe.offload
-        if off.optimizer or off.activations or off.weights:
+        host_embeddings = self.recipe.quant.trainable and self.recipe.quant.embeddings == "host"
+        if off.optimizer or off.activations or off.weights or host_embeddings:
             from efft.memory.tracker import MemoryTracker
             from efft.offload import host_bytes_in_use
 

@@ -116,22 +116,28 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     """``trainable`` / ``frozen`` parameter bytes and ``buffers`` bytes (all distinct storages).
     Quantization statistics that bitsandbytes hangs on its parameters count as frozen. Buffers whose
     master copy lives in host memory on purpose (efft.offload.weights marks them) are not device
-    weights: they are left out of ``total`` and reported as ``host``."""
+    weights, nor are host-resident parameters (quant.embeddings: host): they are left out of
+    ``total`` and reported as ``host``."""
     seen: set = set()
-    params = list(model.parameters())
+    all_params = list(model.parameters())
+    on_host = [p for p in all_params if getattr(p, "_efft_host_resident", False)]
+    params = [p for p in all_params if not getattr(p, "_efft_host_resident", False)]
     trainable = tensor_bytes((p for p in params if p.requires_grad), seen)
     frozen = tensor_bytes((p for p in params if not p.requires_grad), seen)
     frozen += tensor_bytes((t for p in params for t in _quant_stat_tensors(p)), seen)
     bufs = list(model.buffers())
     buffers = tensor_bytes((b for b in bufs if not getattr(b, "_efft_host_master", False)), seen)
     host = tensor_bytes((b for b in bufs if getattr(b, "_efft_host_master", False)), seen)
+    host += tensor_bytes(on_host, seen)
     return {"trainable": trainable, "frozen": frozen, "buffers": buffers, "total": trainable + frozen + buffers,
             "host": host}
 
 
 def gradient_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the ``.grad`` tensors currently alive on the model's parameters."""
-    return tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    """Bytes of the ``.grad`` tensors currently alive on the model's parameters (host-resident
+    parameters' gradients live in host memory and are not counted)."""
+    return tensor_bytes(p.grad for p in model.parameters()
+                        if p.grad is not None and not getattr(p, "_efft_host_resident", False))
 
 
 def _walk(obj: Any, out: list, depth: int = 0) -> None:

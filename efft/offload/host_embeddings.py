@@ -263,6 +263,8 @@ class _HostHeadFn(torch.autograd.Function):
             gc = g2[:, v0:v1]
             if need_x:
                 part = gc @ w
+                if cd != torch.float32:
+                    part = part.float()  # the chunks' sum in float32 (bf16 partial sums would lose bits)
                 gx = part if gx is None else gx.add_(part)
             if need_w:
                 dw = (gc.t() @ x2).float()

@@ -328,7 +328,8 @@ def remove_loss_tokens(model: nn.Module) -> nn.Module:
 def _verify(lm: nn.Module, state: LossTokenState) -> bool:
     """Compare the wrapped loss with the model's own on a short input (eval mode, no grad); False
     when there are no weights to run (meta device)."""
-    p = next(lm.parameters(), None)
+    # the device the model computes on (a host-resident embedding's weight stays in host memory)
+    p = next((q for q in lm.parameters() if not getattr(q, "_efft_host_resident", False)), None)
     if p is None or p.device.type == "meta":
         return False
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config

@@ -203,6 +203,12 @@ def test_transfers_are_recorded_chunk_by_chunk_and_the_update_runs_in_backward()
     assert not torch.equal(model.lm_head.weight.detach(), before)
     opt.step()
     opt.close()
+    # the memory report counts the host weights as host memory, not device weights
+    from efft.memory.tracker import tensor_bytes, weight_bytes
+
+    w = weight_bytes(model)
+    assert w["host"] == 2 * VOCAB * h * 4
+    assert w["trainable"] == tensor_bytes(rest, set())
     # model.to(dtype) changes what the modules compute in, never the float32 host weight
     model.to(torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.compute_dtype == torch.bfloat16
