@@ -50,6 +50,23 @@ def reducer_bytes(ddp) -> int:
     return int(ddp._get_ddp_logging_data()["total_parameter_size_bytes"])
 
 
+@contextlib.contextmanager
+def count_all_reduces(sizes: list):
+    """Appends the element count of every asynchronous all-reduce (the layer-wise hooks' ones)."""
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        if kwargs.get("async_op"):
+            sizes.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield
+    finally:
+        dist.all_reduce = real
+
+
 def run_plain(name: str, watch: bool = False, accum: int = ACCUM, steps: int = STEPS, int8: bool = False) -> dict:
     """The plain loop: DDP around the model when several processes run (layer-wise params ignored).
     ``watch``: record the peak of full-size gradients alive (run with ``accum=1``: with accumulation,
@@ -70,18 +87,21 @@ def run_plain(name: str, watch: bool = False, accum: int = ACCUM, steps: int = S
     if rank_world()[1] > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(m)
         out["reducer_bytes"] = reducer_bytes(fwd)
-    losses, norms = [], []
+    losses, norms, sent = [], [], []  # sent: elements all-reduced by the hooks, per step
     for s in range(steps):
-        for i, mb in enumerate(micro_batches(s, micro=MICRO, n=accum)):
-            sync = fwd.no_sync() if fwd is not m and i < accum - 1 else contextlib.nullcontext()
-            with sync:
-                loss = fwd(**local_rows(mb)).loss
-                (loss / accum).backward()
-            losses.append(loss.item())
-        opt.step()
+        sizes = []
+        with count_all_reduces(sizes):
+            for i, mb in enumerate(micro_batches(s, micro=MICRO, n=accum)):
+                sync = fwd.no_sync() if fwd is not m and i < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    loss = fwd(**local_rows(mb)).loss
+                    (loss / accum).backward()
+                losses.append(loss.item())
+            opt.step()
         opt.zero_grad()
         norms.append(opt.last_grad_norm)
-    out.update(losses=losses, norms=norms, params=[p.detach().clone() for p in m.parameters() if 0 not in p.stride()])
+        sent.append(sum(sizes))
+    out.update(losses=losses, norms=norms, sent=sent, params=[p.detach().clone() for p in m.parameters() if 0 not in p.stride()])
     if int8:
         out["int8"] = int8_state(m)
     if peak is not None:

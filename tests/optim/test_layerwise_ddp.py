@@ -64,6 +64,15 @@ def test_plain_loop_equals_single_process(runs, name):
     _check(r0, r1, single, mean)
     # DDP's reducer holds (and buckets) only the 1-D parameters, which stay with it
     assert r0["reducer_bytes"] == _small_bytes(single["params"])
+    # what the hooks all-reduce each step: every 2-D gradient once (not per micro-batch); GaLore
+    # sends the r x n projection of a matrix off its refresh steps (each matrix refreshes on step 0,
+    # then once in three steps, staggered), APOLLO-Mini and FRUGAL the full gradient
+    full = sum(p.numel() for p in single["params"] if p.dim() == 2)
+    assert r0["sent"] == r1["sent"] and single["sent"] == [0] * w.STEPS
+    if name == "galore":
+        assert r0["sent"][0] == full and all(n < full for n in r0["sent"][1:])
+    else:
+        assert r0["sent"] == [full] * w.STEPS
 
 
 def test_reducer_holds_no_layerwise_gradient(runs):
