@@ -305,15 +305,38 @@ def test_planner_suggests_host_embeddings_for_the_8b_int8_recipe():
 
 
 # -------------------------------------------------------------------------- (f) efft train + refusals
-def test_recipe_trains_through_efft_train_with_layerwise_apollo_and_loss_tokens(data_path, tmp_path):
+def test_recipe_trains_through_efft_train_and_resumes_exactly(data_path, tmp_path):
+    """efft train (Trainer: accelerate's optimizer wrap, linear schedule, accumulation 2, clipping)
+    with layer-wise APOLLO-Mini and loss-token skipping; stopped after step 2 and resumed from its
+    checkpoint, the losses and the final int8 file equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
     from efft.train import train
 
-    r = _recipe(data_path, tmp_path / "out", optim={"name": "apollo_mini", "layerwise": True},
-                sparsity={"loss_tokens": {"enabled": True}}, train={"gradient_checkpointing": True})
-    card = train(r)
-    assert card["global_step"] == 4 and card["last_loss"] < card["first_loss"]
-    final = tmp_path / "out" / "final"
-    assert (final / "model.safetensors").is_file() and (final / "int8" / "model.safetensors").is_file()
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= 2:
+                control.should_training_stop = True
+
+    def recipe(out, **train_kw):
+        return _recipe(data_path, out, optim={"name": "apollo_mini", "layerwise": True},
+                       sparsity={"loss_tokens": {"enabled": True}},
+                       train={"gradient_checkpointing": True, "lr_scheduler_type": "linear", **train_kw})
+
+    full = train(recipe(tmp_path / "full"))
+    assert full["global_step"] == 4 and full["last_loss"] < full["first_loss"]
+    part = tmp_path / "part"
+    assert train(recipe(part), trainer_hook=lambda tr: tr.add_callback(StopAt()))["global_step"] == 2
+    second = train(recipe(part, resume_from_checkpoint=True))
+    assert [l for _, l in second["loss_curve"]] == [l for _, l in full["loss_curve"]]
+    a = load_file(tmp_path / "full" / "final" / "int8" / "model.safetensors")
+    b = load_file(part / "final" / "int8" / "model.safetensors")
+    assert a.keys() == b.keys() and "lm_head.weight" in a and a["lm_head.weight"].dtype == torch.float32
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    final = tmp_path / "full" / "final"
+    assert (final / "model.safetensors").is_file()
     assert "efft_int8_trainable" not in json.loads((final / "config.json").read_text())
 
 
