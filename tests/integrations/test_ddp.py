@@ -1,5 +1,5 @@
 """`efft train` under torchrun (2 CPU processes, gloo) gives the losses of one process with the same
-global batch, for APOLLO, GaLore, QLoRA and loss-token skipping."""
+global batch, for APOLLO, GaLore (also layer-wise), QLoRA and loss-token skipping."""
 import json
 import os
 import socket
@@ -19,6 +19,8 @@ CASES = {
     "galore": {"optim": {"name": "galore", "rank": 4, "update_proj_gap": 3, "projector": "svd"}},
     "qlora": {"quant": {"type": "nf4", "compute_dtype": "float32", "blocksize": 32},
               "adapter": {"type": "lora", "r": 4, "lora_alpha": 8}},
+    # layer-wise: the hooks average the gradients DDP ignores (efft.integrations.ddp)
+    "galore_layerwise": {"optim": {"name": "galore", "rank": 4, "update_proj_gap": 3, "layerwise": True}},
     # each rank's collator indexes its own batches' label rows (LabelRowsCallback)
     "loss_tokens": {"sparsity": {"loss_tokens": {"enabled": True, "chunk_size": 16}}},
 }
