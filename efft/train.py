@@ -125,7 +125,9 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
 
     final_dir = save_final(trainer, tokenizer, out_dir / "final", recipe)
 
-    after = generate_answers(trainer.model, tokenizer, prompts, recipe.generate.max_new_tokens) if prompts else []
+    # FSDP: every forward gathers on all ranks, so all ranks generate (greedy, same weights: in step)
+    asked = recipe.generate.prompts if recipe.train.fsdp else prompts
+    after = generate_answers(trainer.model, tokenizer, asked, recipe.generate.max_new_tokens) if asked else []
     cb = plugin.callback
     memory = cb.memory_report()
     curve = cards.loss_curve(trainer.state.log_history)

@@ -80,6 +80,10 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Modu
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
     fully_shard(model, reshard_after_forward=reshard_after_forward)
+    if callable(getattr(model, "generate", None)):  # a peft wrapper's generate bypasses the root's forward
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "generate")
     # transformers' mark for a model that owns its placement and gradient reduction (see module doc); a
     # peft wrapper reads it from the transformers model inside
     for m in model.modules():

@@ -27,17 +27,20 @@ from efft.train import train
 from tests.integrations.test_ddp import _free_port, data_path, recipe_dict  # noqa: F401 (data_path: fixture)
 
 NF4 = {"type": "nf4", "compute_dtype": "float32", "blocksize": 32}
+GENERATE = {"prompts": ["Add 1 and 2.", "Add 3 and 4."], "max_new_tokens": 4}  # after training, on every rank
 # case -> (sections, the single-process case it must equal, trainable tensors: 2 layers x 7 linears
 # (+ 2 norms each) + embeddings, final norm, lm_head for full fine-tuning; 2 per LoRA linear; 1 per PEQA linear)
 CASES = {
-    "full": ({}, "full", 21),
+    "full": ({"generate": GENERATE}, "full", 21),
     "lora_sparsity": ({"adapter": {"type": "lora", "r": 4, "lora_alpha": 8},
                        "sparsity": {"loss_tokens": {"enabled": True, "chunk_size": 16},
                                     "token_elimination": {"enabled": True, "keep_ratio": 0.5, "start_layer": 1}}},
                       "lora_sparsity", 28),
-    "qlora": ({"quant": NF4, "adapter": {"type": "lora", "r": 4, "lora_alpha": 8}}, "qlora", 28),
+    "qlora": ({"quant": NF4, "adapter": {"type": "lora", "r": 4, "lora_alpha": 8}, "generate": GENERATE},
+              "qlora", 28),
     "peqa": ({"quant": NF4, "adapter": {"type": "peqa"}}, "peqa", 14),
-    "offload_optimizer": ({"offload": {"optimizer": True}}, "full", 21),  # equals plain torch AdamW, one process
+    # equals plain torch AdamW in one process
+    "offload_optimizer": ({"offload": {"optimizer": True}, "generate": GENERATE}, "full", 21),
 }
 SAMPLED = {"sparsity": {"sampled_linear": {"enabled": True, "keep": 0.5}}}
 
@@ -104,6 +107,8 @@ def test_fsdp_two_processes_equal_one_process(case, runs):
     assert len(got) == len(want) == 4
     assert got == pytest.approx(want, rel=0, abs=2e-5)
     _assert_same_weights(runs / f"single-{ref}" / "final", runs / f"fsdp-{case}" / "final")
+    # greedy answers after training (a peft model's generate goes through the sharded root too)
+    assert _card(runs / f"fsdp-{case}")["generations"] == _card(runs / f"single-{ref}")["generations"]
     # the end-of-training checkpoint Trainer writes (whole tensors gathered around the save)
     _assert_same_weights(runs / f"single-{ref}" / "checkpoint-4", runs / f"fsdp-{case}" / "checkpoint-4")
     # measured on rank 0: it holds half of every trainable parameter and of its AdamW moments; buffers
@@ -115,8 +120,12 @@ def test_fsdp_two_processes_equal_one_process(case, runs):
     assert (two["optimizer_state_bytes"] - step_bytes) * 2 == one["optimizer_state_bytes"] - step_bytes
 
 
+def _card(run: Path) -> dict:
+    return json.loads((run / "card.json").read_text())
+
+
 def _memory(run: Path) -> dict:
-    return json.loads((run / "card.json").read_text())["memory"]
+    return _card(run)["memory"]
 
 
 @pytest.mark.timeout(600)
