@@ -216,7 +216,9 @@ class OffloadOptimizer(Optimizer):
             raise ValueError(f"workers must be >= 1, got {n}")
         # host == device: the caller's intra-op thread count, so CPU reductions give the same bits as
         # without offload; with a GPU, the cores are shared among the workers.
-        nthreads = torch.get_num_threads() if not self.mover.cuda else max(1, (os.cpu_count() or 1) // n)
+        # (resident parameters on a CUDA machine: the host is not the device either)
+        gpu = self.mover.cuda or (self.resident and torch.cuda.is_available())
+        nthreads = torch.get_num_threads() if not gpu else max(1, (os.cpu_count() or 1) // n)
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="efft-offload",
                                         initializer=torch.set_num_threads, initargs=(nthreads,))
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._hook_for(s)) for s in self._slots if s.param.requires_grad]
