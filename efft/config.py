@@ -344,6 +344,9 @@ def _combination_problems(r: Recipe) -> list[tuple[str, str]]:
     p: list[tuple[str, str]] = []
     if r.quant.trainable and r.quant.type != "int8":
         p.append(("quant.trainable", f"trainable quantized weights need quant.type: int8, got {r.quant.type!r}"))
+    if r.quant.embeddings == "host" and not r.quant.trainable:
+        p.append(("quant.embeddings", "host-resident embedding/LM head is built for trainable int8 weights: set "
+                                      "quant.type: int8 and quant.trainable: true, or leave quant.embeddings out"))
     if r.quant.trainable and r.adapter.type != "none":
         p.append(("adapter.type", f"{r.adapter.type!r} cannot sit on trainable int8 weights (train the weights or an adapter, not both)"))
     if r.adapter.type == "peqa" and r.quant.type not in ("nf4", "fp4", "int8"):

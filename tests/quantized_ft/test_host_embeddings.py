@@ -352,3 +352,5 @@ def test_bad_combinations_are_refused_before_loading(data_path, tmp_path, monkey
     msg = str(e.value)
     for needle in ("keep 'lm_head' in quant.skip", "single-process", "use train.bf16", "offload.optimizer"):
         assert needle in msg, needle
+    with pytest.raises(RecipeError, match="built for trainable int8 weights"):
+        _recipe(data_path, tmp_path, quant={"type": "nf4", "embeddings": "host"}, adapter={"type": "lora"})
