@@ -208,7 +208,7 @@ def write_card(res, q, args, device_desc, path, commands):
     L += ["How to read it: with hidden size 64 and a 32000-token vocabulary the LM head and loss hold most of the "
           "saved bytes (the *saved* columns), while in a 7B-class model (hidden 4096) the decoder layers hold most of "
           "them; the *layers* columns show what each method does to the layers alone. Loss-token skipping acts on the "
-          "head and loss (and the last block's MLP), the others on the layers, which is why the combinations multiply.", ""]
+          "head and loss (and the last block past its keys and values), the others on the layers, which is why the combinations multiply.", ""]
     L += [f"Model: random Llama architecture, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
           f"MLP {4 * args.hidden}, vocab {args.vocab}, sdpa attention, {args.dtype}; batch 1; the first half of each "
           "sequence is an unlabeled prompt (50% label tokens). **Saved** = bytes autograd keeps for backward in one "
@@ -301,8 +301,13 @@ def write_card(res, q, args, device_desc, path, commands):
           "| method | kind | what the tests check |", "|---|---|---|",
           "| loss_tokens | exact | loss and every parameter gradient = the model's own dense forward, within 1e-5 relative in "
           "fp32 (2e-2 in bf16): llama, qwen2, mistral, gemma, gpt2, gemma2 (softcapping), peft LoRA, transformers.Trainer "
-          "with gradient accumulation (num_items_in_batch); head+loss saved bytes at seq 2048, vocab 32000, 50% labels: "
-          ">= 10x less required, ~120x measured |",
+          "with gradient accumulation (num_items_in_batch), label rows from the collator and found on the device; last "
+          "block (attention queries, output projection, norms, MLP on label rows): llama, qwen2, mistral (sliding window "
+          "5), gemma, gpt2 in eager and masked sdpa (unmasked sdpa: the call kept whole, the rest on label rows), gemma2 (sliding window, attention softcapping, eager), with right- and "
+          "left-padded rows and gradient checkpointing; its attention module's saved bytes at seq 128: 0.59x dense at 50% "
+          "labels, 0.37x at 25% (<= 0.65x / 0.45x required), one query row per label row; no host read (aten nonzero / "
+          "_local_scalar_dense / ...) in a training forward + backward with the collator's rows, exactly one nonzero "
+          "without them; head+loss saved bytes at seq 2048, vocab 32000, 50% labels: >= 10x less required, ~120x measured |",
           "| token_elimination | approximate | equals an independent masked-dense reference (eliminated keys masked, "
           "eliminated rows passed through) within 1e-5; loss rows and position 0 never dropped; unbiased option: mean "
           "update over 3000 draws = full update (Z-test) |",
@@ -313,10 +318,22 @@ def write_card(res, q, args, device_desc, path, commands):
           "| partial | exact for what it trains | column gradients = the dense weight gradient's columns; "
           "save/load/merge round trip gives identical logits |", ""]
     L += ["## Not done / limits", "",
-          "- Last block: only the MLP runs on label rows; attention still computes the queries of unlabeled positions "
-          "(skipping them needs family-specific attention code).",
-          "- Gathering the label rows reads their count on the host once per forward (a data-dependent shape); "
-          "the loss normalisation itself never syncs.",
+          "- Last block: the query projection, rotary embedding, input norm and residual additions still run on every "
+          "position (they sit in the model's own forward); sdpa called without a mask (no padding, no packing, no short "
+          "sliding window: transformers uses `is_causal`) keeps that call whole, since label-row queries would need a "
+          "queries x seq mask the dense call never builds (materialized on CPU, no flash kernel, k/v repeated for GQA), so "
+          "the restriction of the attention applies to eager and to masked sdpa; attention implementations other than eager and sdpa (flash, "
+          "flex) run on every query (the modules after them still on label rows); GPT-2 with `reorder_and_upcast_attn` "
+          "keeps its attention whole (recorded in `last_block.reason`); routed-expert models keep the whole block "
+          "unchanged. Rows of a batch are padded to the fullest row's label count for the attention call. The planner "
+          "(`efft estimate`) still counts only the last block's MLP as skipped, so it over-counts slightly.",
+          "- Host reads: with `LabelRowsCollator` (installed on Trainer's training loader by `EfftPlugin.trainer_kwargs`, "
+          "hence in `efft train`) no training forward reads from the device; a batch without it (a custom loop that does "
+          "not wrap its collator, accelerate's `dispatch_batches`, this benchmark) costs one read of the label count per "
+          "forward. transformers' own sdpa mask code reads the padding mask once per forward when an `attention_mask` is "
+          "passed (not efft's; packed rows carry none).",
+          "- With token elimination reaching the last layer (start_layer <= last; every combination above), that layer "
+          "runs on the kept tokens and the last-block restriction steps aside; the combinations' rows are unchanged by it.",
           "- WTA-CRS applies to trainable nn.Linear layers (including LoRA's lora_A/lora_B) and to trainable int8 "
           "layers (Int8TrainableLinear); a frozen base, plain or QuantLinear, keeps no input for a weight gradient, "
           "so there is nothing to sample there, and PEQA's trainable scales are not sampled. In full "

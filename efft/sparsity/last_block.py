@@ -6,14 +6,21 @@ without a label still matters through one thing: the keys and values its attenti
 the label positions after it. Everything else it does there is wasted, so, for the last block:
 
 - attention: the model's own attention function (its ``attn_implementation``: eager or sdpa)
-  gets the queries of the label rows only, with the matching rows of the mask (a causal mask built
-  from the positions when sdpa would have used ``is_causal``); keys and values are those of all
-  positions. Installed through transformers' attention-function registry: the last block's
-  attention module gets a copy of the config naming :data:`ATTENTION_NAME`, whose function calls
-  the implementation the model's own config names at call time.
+  gets the queries of the label rows only, with the matching rows of the mask; keys and values are
+  those of all positions. Installed through transformers' attention-function registry: the last
+  block's attention module gets a copy of the config naming :data:`ATTENTION_NAME`, whose function
+  calls the implementation the model's own config names at call time. Not when sdpa gets no mask
+  (no padding, no packing, no short sliding window: transformers then relies on ``is_causal``):
+  label rows as queries need a mask, which the dense call does not build (a materialized
+  queries x seq mask on CPU and without the CUDA flash kernel, and k/v repeated per head for GQA),
+  so that call stays whole (the rows after it still go on label rows only, but the output
+  projection, which reads a view of what sdpa keeps, runs on every row).
 - every module that runs after the attention scores inside the block (the output projection, the
   post-attention norms, the MLP, dropouts) runs on the label rows only: found at run time as the
-  children of the attention module and of the block that are called after the attention function.
+  children of the attention module and of the block that are called after the attention function
+  (pruned to those after the apply-time check forward). The output projection reads the attention's
+  compact output (one row per query it computed), a view of what the attention keeps for backward,
+  rather than a gathered copy.
 
 The outputs of the rows without labels are zeros. They must be finite, not merely unused: the
 block's residual additions (inside the model's own forward, not reachable generically) and the
@@ -104,8 +111,10 @@ def label_rows_attention(module: nn.Module, query, key, value, attention_mask, *
     rows = block.rows
     b, _, q_len, _ = query.shape
     mask = attention_mask
+    causal_kernel = (mask is None and impl == "sdpa"
+                     and (kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)))
     usable = (rows is not None and impl in _RESTRICTABLE and rows.shape == (b, q_len) and key.shape[2] == q_len
-              and (mask is None or (mask.dim() == 4 and mask.shape[2] in (1, q_len))))
+              and not causal_kernel and (mask is None or (mask.dim() == 4 and mask.shape[2] in (1, q_len))))
     block.stash = None
     if not usable:
         block.query_rows = b * q_len
@@ -116,11 +125,6 @@ def label_rows_attention(module: nn.Module, query, key, value, attention_mask, *
     k = pos.shape[1]
     if mask is not None and mask.shape[2] == q_len:
         mask = _gather_rows(mask, pos, 2)
-    elif mask is None and impl == "sdpa":
-        causal = kwargs.pop("is_causal", None)
-        causal = getattr(module, "is_causal", True) if causal is None else causal
-        if causal:  # sdpa would have used is_causal over the full square: the same rows, explicitly
-            mask = torch.arange(q_len, device=pos.device)[None, None, None, :] <= pos[:, None, :, None]
     block.query_rows = b * k
     # index_select keeps only the index for backward (gather would keep all of ``query``)
     flat = (pos + torch.arange(b, device=pos.device)[:, None] * q_len).reshape(-1)

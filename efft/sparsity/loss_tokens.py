@@ -335,15 +335,19 @@ def _verify(lm: nn.Module, state: LossTokenState) -> bool:
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     vocab = int(getattr(cfg, "vocab_size"))
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, 8), generator=g).to(p.device)
+    ids = torch.randint(0, vocab, (2, 8), generator=g).to(p.device)
     labels = ids.clone()
-    labels[:, :3] = IGNORE_INDEX
+    labels[0, :3] = IGNORE_INDEX
+    labels[1, :5] = IGNORE_INDEX
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0  # a padded position: the attention gets an explicit mask (its rows are gathered)
+    labels[0, -1] = IGNORE_INDEX
     was_training = lm.training
     lm.eval()
     try:
         with torch.no_grad():
-            ref = state.orig_forward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-            got = state.sparse_forward(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels))[0]
+            ref = state.orig_forward(input_ids=ids, attention_mask=mask, labels=labels).loss
+            got = state.sparse_forward(dict(input_ids=ids, attention_mask=mask, labels=labels))[0]
     finally:
         state.last_block.rows = None
         state.host_reads = 0  # the check input carries no label rows; count training forwards only

@@ -67,6 +67,25 @@ def test_last_block_on_label_rows_equals_dense(family, impl):
     _assert_grads_equal(dense, sparse, TOL)
 
 
+def test_sdpa_without_a_mask_keeps_its_causal_kernel():
+    """No padding: transformers gives sdpa no mask (is_causal). Label-row queries would need a
+    queries x seq mask the dense call never builds, so that call stays whole; the norms and the MLP
+    after it still run on label rows."""
+    dense = _model("qwen2", "sdpa").train()
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse)
+    sparse.train()
+    block = sparse._efft_loss_tokens.last_block
+    batch = tiny_batch(seq=16, batch=2, label_fraction=0.4, seed=6)
+    ref, out = dense(**batch), sparse(**with_label_rows(batch))
+    assert block.query_rows == 2 * 16
+    assert {"mlp", "post_attention_layernorm"} <= block.ran
+    assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
+    ref.loss.backward()
+    out.loss.backward()
+    _assert_grads_equal(dense, sparse, TOL)
+
+
 def test_gradient_checkpointing_recomputes_the_same_rows():
     """The block's forward runs twice (the recomputation in backward): each run starts before the
     attention again, so the modules before it see every row both times."""
