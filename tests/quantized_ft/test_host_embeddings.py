@@ -31,7 +31,7 @@ def _model(mode, tied, chunk=VOCAB):
     return prepare_int8_training(m, q, embeddings=mode)
 
 
-def _optimizer(model, kind, acc):
+def _optimizer(model, kind, acc, bits=32):
     """``kind``: torch AdamW whole-step (clipped by the global norm, here or by the loop), efft AdamW
     layer-wise (clipped by the last step's norm) or Int8LayerwiseOptimizer (per-parameter clip)."""
     host = host_resident_parameters(model)
@@ -40,7 +40,7 @@ def _optimizer(model, kind, acc):
     if kind == "global":
         main = torch.optim.AdamW(rest, lr=LR, eps=EPS, weight_decay=0.0)
     elif kind == "lagged":
-        main = build_optimizer(model, type("C", (), {"name": "adamw", "layerwise": True})(), lr=LR, eps=EPS,
+        main = build_optimizer(model, type("C", (), {"name": "adamw", "layerwise": True, "state_bits": bits})(), lr=LR, eps=EPS,
                                max_grad_norm=CLIP, gradient_accumulation_steps=acc, exclude=host)
     else:
         main = Int8LayerwiseOptimizer(torch.optim.AdamW(rest, lr=LR, eps=EPS, weight_decay=0.0),
@@ -48,7 +48,8 @@ def _optimizer(model, kind, acc):
     if not host:
         return main
     return host_params_optimizer(main, host, lr=LR, eps=EPS, weight_decay=0.0, gradient_accumulation_steps=acc,
-                                 max_grad_norm=CLIP if kind == "global" else None, order=list(model.parameters()))
+                                 max_grad_norm=CLIP if kind == "global" else None, order=list(model.parameters()),
+                                 state_bits=bits)
 
 
 def _train(model, opt, kind, data, acc, host, sched=None):
@@ -63,12 +64,12 @@ def _train(model, opt, kind, data, acc, host, sched=None):
         opt.zero_grad()
 
 
-def _run(mode, tied, kind="global", chunk=VOCAB, steps=3, acc=2):
+def _run(mode, tied, kind="global", chunk=VOCAB, steps=3, acc=2, bits=32):
     """As under Trainer: accelerate reloads the optimizer's own state when it wraps it, then a
     scheduler changes lr every step."""
     m = _model(mode, tied, chunk)
     data = [tiny_batch(VOCAB, seed=i) for i in range(steps * acc)]
-    opt = _optimizer(m, kind, acc)
+    opt = _optimizer(m, kind, acc, bits)
     opt.load_state_dict(opt.state_dict())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     _train(m, opt, kind, data, acc, mode == "host", sched)
@@ -90,6 +91,20 @@ def test_host_training_equals_trainable_bitwise(tied, kind):
         assert torch.equal(sa[k], sb[k]), k
     assert b.model.embed_tokens.weight.dtype == torch.float32
     assert (b.lm_head.weight is b.model.embed_tokens.weight) == tied
+
+
+def test_8bit_state_for_the_embedding_and_head_on_device_or_host():
+    """The "8-bit state" option: optim.state_bits: 8 gives the embedding/head 8-bit moments whether
+    they train on the device (embeddings="trainable") or on the host, with the same result."""
+    a, opt_a = _run("trainable", True, "lagged", bits=8)
+    b, opt_b = _run("host", True, "lagged", bits=8)
+    for m, opt in ((a, opt_a), (b, opt_b)):
+        st = opt.state[m.model.embed_tokens.weight]
+        assert st["exp_avg_q"].dtype == torch.uint8 and "exp_avg" not in st
+    assert opt_b.state[b.model.embed_tokens.weight]["exp_avg_q"].device.type == "cpu"
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
 
 
 @pytest.mark.parametrize("tied", [True, False])
