@@ -36,8 +36,8 @@ CASES = {
                        "sparsity": {"loss_tokens": {"enabled": True, "chunk_size": 16},
                                     "token_elimination": {"enabled": True, "keep_ratio": 0.5, "start_layer": 1}}},
                       "lora_sparsity", 28),
-    "qlora": ({"quant": NF4, "adapter": {"type": "lora", "r": 4, "lora_alpha": 8}, "generate": GENERATE},
-              "qlora", 28),
+    "qlora": ({"quant": NF4, "adapter": {"type": "lora", "r": 4, "lora_alpha": 8}, "generate": GENERATE,
+               "train": {"gradient_checkpointing": True}}, "qlora", 28),
     "peqa": ({"quant": NF4, "adapter": {"type": "peqa"}}, "peqa", 14),
     # equals plain torch AdamW in one process
     "offload_optimizer": ({"offload": {"optimizer": True}, "generate": GENERATE}, "full", 21),
@@ -50,12 +50,21 @@ def _fsdp(recipe: dict) -> dict:
     return recipe
 
 
+def _recipe_for(data_path, out, batch, sections) -> dict:
+    """test_ddp's recipe; a ``train`` entry in ``sections`` adds to its train section."""
+    sections = dict(sections)
+    train_extra = sections.pop("train", {})
+    recipe = recipe_dict(data_path, out, batch, sections)
+    recipe["train"].update(train_extra)
+    return recipe
+
+
 @pytest.fixture(scope="module")
 def runs(data_path, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("fsdp")
     for ref in sorted({ref for _, ref, _ in CASES.values()}):
-        train(config.validate(recipe_dict(data_path, root / f"single-{ref}", 4, CASES[ref][0])))
-    launch = {f"fsdp-{name}": _fsdp(recipe_dict(data_path, root / f"fsdp-{name}", 2, sections))
+        train(config.validate(_recipe_for(data_path, root / f"single-{ref}", 4, CASES[ref][0])))
+    launch = {f"fsdp-{name}": _fsdp(_recipe_for(data_path, root / f"fsdp-{name}", 2, sections))
               for name, (sections, _, _) in CASES.items()}
     launch["fsdp-sampled"] = _fsdp(recipe_dict(data_path, root / "fsdp-sampled", 2, SAMPLED))
     launch["ddp-sampled"] = recipe_dict(data_path, root / "ddp-sampled", 2, SAMPLED)
