@@ -78,9 +78,11 @@ class BackwardAllReduce:
     gradients arrives (before consuming anything: it finishes the update in flight) and
     :meth:`launch` with the accumulated gradient on a step's last micro-batch."""
 
-    def __init__(self, world: int, ddp_params: list[torch.Tensor], apply: Callable[[torch.Tensor, torch.Tensor, Any], None],
-                 update_ddp: Callable[[torch.Tensor], None], who: str):
+    def __init__(self, world: int, params: list[torch.Tensor], ddp_params: list[torch.Tensor],
+                 apply: Callable[[torch.Tensor, torch.Tensor, Any], None], update_ddp: Callable[[torch.Tensor], None],
+                 who: str):
         self.world = world
+        self.params = params  # averaged here; DDP must ignore them
         self.ddp_params = ddp_params
         self.apply = apply
         self.update_ddp = update_ddp
@@ -89,6 +91,7 @@ class BackwardAllReduce:
         self._queued = False
         self._completed_step = False  # this backward finished a step for some parameter
         self._checked = False
+        self._checked_ignored = False
 
     def arrived(self, grad: torch.Tensor | None = None) -> None:
         """A gradient arrived: finish the update waiting for its all-reduce (usable as a tensor hook)."""
@@ -103,6 +106,13 @@ class BackwardAllReduce:
         if world_size() != self.world:
             raise RuntimeError(f"{self.who}: the optimizer was built for {self.world} processes, training runs with "
                                f"{world_size()}; build it after torch.distributed.init_process_group")
+        if not self._checked_ignored:
+            held = sum(not getattr(q, "_ddp_ignored", False) for q in self.params)
+            if held:
+                raise RuntimeError(f"{self.who}: {held} of its parameters are not excluded from DDP, whose reducer would "
+                                   "all-reduce their gradients a second time; call keep_out_of_ddp(model) before "
+                                   "wrapping the model in DistributedDataParallel (or passing it to Trainer)")
+            self._checked_ignored = True
         self._completed_step = True
         grad.div_(self.world)
         work = dist.all_reduce(grad, async_op=True)

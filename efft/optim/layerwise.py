@@ -83,7 +83,7 @@ class LayerwiseOptimizer(Optimizer):
         self._reducer = None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.layerwise_params]
         if self.world_size > 1:
-            self._reducer = BackwardAllReduce(self.world_size, self.ddp_params, self._apply,
+            self._reducer = BackwardAllReduce(self.world_size, self.layerwise_params, self.ddp_params, self._apply,
                                               lambda p: self._apply(p, p.grad, False), "layerwise")
             self._handles += [p.register_hook(self._reducer.arrived) for p in self.layerwise_params]
             broadcast_from_rank0(self.layerwise_params)

@@ -429,8 +429,8 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
         self._reducer = None
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._layerwise]
         if self.world_size > 1:
-            self._reducer = BackwardAllReduce(self.world_size, self._ddp_params, lambda p, g, _: self._update(p),
-                                              self._update, "Int8LayerwiseOptimizer")
+            self._reducer = BackwardAllReduce(self.world_size, self._layerwise, self._ddp_params,
+                                              lambda p, g, _: self._update(p), self._update, "Int8LayerwiseOptimizer")
             broadcast_from_rank0(self._layerwise)
         for p in self._params:
             if is_int8_carrier(p):

@@ -125,6 +125,24 @@ def unwrapped_error() -> str:
     return ""
 
 
+def not_excluded_error() -> str:
+    """Int8LayerwiseOptimizer built without keep_out_of_ddp(model): refused at its first all-reduce."""
+    from efft.quant.trainable import Int8LayerwiseOptimizer
+
+    from .helpers import model
+    from .test_layerwise import micro_batches
+
+    m = model()
+    opt = Int8LayerwiseOptimizer(torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]))
+    try:
+        m(**local_rows(micro_batches(0, micro=MICRO, n=1)[0])).loss.backward()
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        opt.remove_hooks()
+    return ""
+
+
 def run_int8_driver(steps: int = INT8_STEPS) -> dict:
     """efft.quant's own Int8LayerwiseOptimizer (per-parameter clipping) around GaLore, int8 weights."""
     from efft.optim import GaLoreAdamW
@@ -196,7 +214,8 @@ def main(out_dir: str) -> None:
             torch.save(run_plain(name), os.path.join(out_dir, f"plain-{name}-{rank}.pt"))
         torch.save(run_plain(INT8_OPTIM, int8=True, steps=INT8_STEPS), os.path.join(out_dir, f"int8-{INT8_OPTIM}-{rank}.pt"))
         torch.save(run_plain("galore", watch=True, accum=1, steps=2), os.path.join(out_dir, f"peak-galore-{rank}.pt"))
-        torch.save({"error": unwrapped_error()}, os.path.join(out_dir, f"unwrapped-{rank}.pt"))
+        torch.save({"error": unwrapped_error(), "not_excluded": not_excluded_error()},
+                   os.path.join(out_dir, f"unwrapped-{rank}.pt"))
         torch.save(run_int8_driver(), os.path.join(out_dir, f"int8-driver-{rank}.pt"))
         for name in TRAINER:
             torch.save(run_trainer(name, os.path.join(out_dir, f"trainer-{name}")),

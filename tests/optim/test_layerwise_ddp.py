@@ -101,9 +101,13 @@ def test_trainer_with_plugin_equals_single_process(runs, name, tmp_path):
 
 
 def test_unwrapped_model_is_refused(runs):
+    """A model left unwrapped (the 1-D gradients reduced by no one), and parameters that were never
+    excluded from DDP (their gradients would be averaged twice): clear errors, not wrong steps."""
     for r in (0, 1):
         err = torch.load(runs / f"unwrapped-{r}.pt", weights_only=True)["error"]
         assert "differ between ranks" in err and "DistributedDataParallel" in err
+        err = torch.load(runs / f"unwrapped-{r}.pt", weights_only=True)["not_excluded"]
+        assert "not excluded from DDP" in err and "keep_out_of_ddp(model)" in err
 
 
 def test_int8_trainable_weights_equal_single_process(runs):
