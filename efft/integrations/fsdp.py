@@ -40,8 +40,9 @@ def fsdp_problems(recipe: Any) -> list[tuple[str, str]]:
                                      "reduce-scatter. Use DDP (layer-wise runs there) or optim.layerwise: false"))
     if o.name == "adamw8bit" or (o.name == "adamw" and o.state_bits == 8 and not o.layerwise):
         p.append(("optim.state_bits" if o.name == "adamw" else "optim.name",
-                  "bitsandbytes' 8-bit AdamW runs its kernels on plain tensors and cannot step FSDP2's sharded "
-                  "(DTensor) parameters. Use optim.state_bits: 32 under FSDP, or DDP"))
+                  "the 8-bit AdamW (bitsandbytes' here; efft's own 8-bit moments run in layer-wise mode only) "
+                  "steps plain tensors, not FSDP2's sharded (DTensor) parameters. Use optim.state_bits: 32 under "
+                  "FSDP, or DDP"))
     if q.trainable:
         p.append(("quant.trainable", "trainable int8 weights keep a 4-byte stride-0 carrier parameter (the codes are "
                                      "buffers), which FSDP2 cannot split into row shards. Use DDP"))
