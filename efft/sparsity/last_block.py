@@ -28,12 +28,13 @@ final norm still run on every row, and their backward multiplies the zero gradie
 values computed from them (0 * inf would be nan). Dropout inside the block draws its mask for the
 label rows only, so with dropout on the result equals the dense one in distribution, not bitwise.
 
-Refused (the block runs unchanged, the reason kept in ``LastBlock.reason``): routed experts (an
-expert's capacity can depend on every row), no single self-attention module in the block, a
-modeling file without ``eager_attention_forward``, GPT-2's ``reorder_and_upcast_attn``. With no
-attention module found, the block's ``mlp`` alone runs on the label rows, as before.
-Attention implementations other than eager and sdpa (flash, flex: their masks are not per-query
-rows) run unrestricted at call time; the modules after them still run on the label rows.
+Left out, the reason kept in ``LastBlock.reason``: routed experts (an expert's capacity can depend
+on every row: the block runs unchanged); GPT-2's ``reorder_and_upcast_attn`` and a modeling file
+without ``eager_attention_forward`` / ``ALL_ATTENTION_FUNCTIONS`` (the queries stay whole, the
+modules after the attention module still run on label rows); no single self-attention module in
+the block (its ``mlp`` alone runs on the label rows, as before). Attention implementations other
+than eager and sdpa (flash, flex: their masks are not per-query rows) run whole at call time; the
+modules after them still run on the label rows.
 """
 from __future__ import annotations
 
