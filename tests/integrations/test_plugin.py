@@ -59,6 +59,8 @@ def test_plugin_in_plain_script_equals_efft_train(setup, tmp_path):
     # -----------------------------------------------------------------------------------------------
     trainer.train()
     script_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    # the plugin's LabelRowsCallback made every training batch carry its label rows: no device read
+    assert model._efft_loss_tokens.host_reads == 0
 
     assert len(cli_losses) == 6
     assert script_losses == pytest.approx(cli_losses, rel=1e-6, abs=1e-7)
