@@ -67,5 +67,6 @@ def worker(rank, world, port, out_dir):
             opt = build(lambda **kw: groups(m, **kw))
             train(m, opt, rank, world, torch.nn.parallel.DistributedDataParallel(m))
             torch.save([p.detach() for p in m.parameters()], os.path.join(out_dir, f"{name}-{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort in gloo's threads)
     finally:
         dist.destroy_process_group()

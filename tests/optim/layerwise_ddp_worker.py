@@ -220,6 +220,7 @@ def main(out_dir: str) -> None:
         for name in TRAINER:
             torch.save(run_trainer(name, os.path.join(out_dir, f"trainer-{name}")),
                        os.path.join(out_dir, f"trainer-{name}-{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort in gloo's threads)
     finally:
         dist.destroy_process_group()
 
