@@ -267,7 +267,9 @@ def main(argv=None):
     device = torch.device(args.device)
     spec = SHAPES[args.shapes]
     cands = {n: c for n, c in candidates(args).items() if not args.only or any(x in n for x in args.only)}
+    load_start, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results = bench_all(cands, spec, device, args)
+    load_end = os.getloadavg()[0]
     for name, r in results.items():
         print(f"{name:28s} " + (r["error"] if "error" in r else
               f"median {r['median_s']*1e3:8.1f} ms  refresh {r['refresh_s']*1e3:9.1f} ms  amortized {r['amortized_s']*1e3:8.1f} ms"), flush=True)
@@ -287,8 +289,8 @@ def main(argv=None):
         f"## Step time and optimizer state ({args.shapes} shapes, rank {args.rank})",
         "",
         f"Device: {environment(device)}. Shapes: {shapes} ({n_params/1e6:.1f}M parameters, fp32); rank {args.rank} "
-        f"(APOLLO-Mini 1); {refresh_how}, amortized over update_proj_gap={args.gap}. Median of the steps after the first "
-        f"({args.steps} in all), the optimizers stepped in turn (one step each per round) in one process; "
+        f"(APOLLO-Mini 1); {refresh_how}, amortized over update_proj_gap={args.gap}. Median of the ordinary steps (not the first, "
+        f"not refresh steps; {args.steps} steps in all), the optimizers stepped in turn (one step each per round) in one process; "
         f"`python scripts/bench_optim.py {cmd}`.",
         "",
         "| optimizer | median step (ms) | refresh (ms, all matrices) | amortized step (ms) | x AdamW | state (MiB) | x AdamW |",
@@ -315,6 +317,8 @@ def main(argv=None):
         if "amortized_s" in results.get(n, {}) and base:
             what = "(target <= 1.5)" if n.startswith("efft") else "(the rank-r projection alone)"
             lines.append(f"{n} / torch AdamW amortized step: {results[n]['amortized_s']/base['amortized_s']:.2f} {what}.")
+    lines += ["", f"Run started {started}; 1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end "
+              f"({os.cpu_count()} cores; other processes than this benchmark count in it)."]
     if args.note:
         lines += ["", args.note]
     section = "\n".join(lines)
