@@ -7,7 +7,8 @@ shared machine falls on all of them alike. Step time is the median of ordinary s
 ``--gap`` steps (refresh cost = median refresh step - median ordinary step, measured on warm
 refreshes, stagger off so each refresh step refreshes every matrix). State bytes are summed over
 the tensors in ``optimizer.state`` (plus the projection matrices the peers keep inside projector
-objects). Ratios are to torch AdamW. Writes a section of cards/optim.md.
+objects). Ratios are to torch AdamW: of the medians, and "paired" (the median over rounds of the ratio within
+the round, robust to load that changes between rounds). Writes a section of cards/optim.md.
 
 Two "GEMM floor" rows time only the matrix products a projected step cannot avoid (P^T G for
 APOLLO; P^T G and the back-projection accumulated into the weight with ``addmm_`` for GaLore) with
@@ -228,6 +229,15 @@ def bench_all(cands, spec, device, args):
     return results
 
 
+def paired_ratio(rx: dict, rb: dict, args) -> float:
+    """Median over the rounds where neither refreshed (nor warmed up) of this round's amortized-step
+    ratio: both were stepped back to back in the round, so the load of the moment cancels out."""
+    refresh_rounds = set(range(args.refresh_gap, args.steps, args.refresh_gap))
+    ax, ab = rx["refresh_s"] / args.gap, rb["refresh_s"] / args.gap
+    return statistics.median((tx + ax) / (tb + ab) for s, (tx, tb) in enumerate(zip(rx["times_s"], rb["times_s"]))
+                             if s > 0 and s not in refresh_rounds)
+
+
 def environment(device) -> str:
     cpu = platform.processor() or platform.machine()
     if device.type == "cuda":
@@ -293,30 +303,33 @@ def main(argv=None):
         f"not refresh steps; {args.steps} steps in all), the optimizers stepped in turn (one step each per round) in one process; "
         f"`python scripts/bench_optim.py {cmd}`.",
         "",
-        "| optimizer | median step (ms) | refresh (ms, all matrices) | amortized step (ms) | x AdamW | state (MiB) | x AdamW |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| optimizer | median step (ms) | refresh (ms, all matrices) | amortized step (ms) | x AdamW | x AdamW, paired | state (MiB) | x AdamW |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {name} | failed: {r['error']} | | | | | | |")
             continue
         tr = r["amortized_s"] / base["amortized_s"] if base else float("nan")
+        pr = paired_ratio(r, base, args) if base else float("nan")
         if r["state_bytes"] is None:
             state = "- | -"
         else:
             sr = r["state_bytes"] / base["state_bytes"] if base else float("nan")
             state = f"{r['state_bytes']/2**20:.1f} | {sr:.3f}"
-        lines.append(f"| {name} | {r['median_s']*1e3:.1f} | {r['refresh_s']*1e3:.0f} | {r['amortized_s']*1e3:.1f} | {tr:.2f} | {state} |")
+        lines.append(f"| {name} | {r['median_s']*1e3:.1f} | {r['refresh_s']*1e3:.0f} | {r['amortized_s']*1e3:.1f} | {tr:.2f} | {pr:.2f} | {state} |")
     lines.append("")
     g_peer = results.get("galore-torch GaLore", {})
     for n in ("efft GaLore (rsvd)", "efft GaLore (svd)", "GEMM floor: GaLore (P^T G + addmm_ back)"):
         if "amortized_s" in g_peer and "amortized_s" in results.get(n, {}):
             what = "(target <= 0.5)" if n.startswith("efft") else "(no GaLore step can go under this on this device)"
-            lines.append(f"{n} / galore-torch amortized step: {results[n]['amortized_s']/g_peer['amortized_s']:.2f} {what}.")
+            lines.append(f"{n} / galore-torch amortized step: {results[n]['amortized_s']/g_peer['amortized_s']:.2f}, "
+                         f"paired {paired_ratio(results[n], g_peer, args):.2f} {what}.")
     for n in ("efft APOLLO", "efft APOLLO (cache_projection)", "efft APOLLO-Mini", "GEMM floor: APOLLO (P^T G)"):
         if "amortized_s" in results.get(n, {}) and base:
             what = "(target <= 1.5)" if n.startswith("efft") else "(the rank-r projection alone)"
-            lines.append(f"{n} / torch AdamW amortized step: {results[n]['amortized_s']/base['amortized_s']:.2f} {what}.")
+            lines.append(f"{n} / torch AdamW amortized step: {results[n]['amortized_s']/base['amortized_s']:.2f}, "
+                         f"paired {paired_ratio(results[n], base, args):.2f} {what}.")
     lines += ["", f"Run started {started}; 1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end "
               f"({os.cpu_count()} cores; other processes than this benchmark count in it)."]
     if args.note:
