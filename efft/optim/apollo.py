@@ -21,7 +21,7 @@ from .projectors import choose_side, gaussian_basis, mix_seed, next_seed, projec
 
 SCALE_TYPES = ("channel", "tensor")
 PROJS = ("random", "svd")
-_ROW_BLOCK = 256  # rows per slice for column sums of squares: the temporary stays in cache
+_ROW_BLOCK = 32  # rows accumulated at a time for column sums of squares (the accumulator stays in cache)
 
 
 def channel_sq_norms(grad: torch.Tensor, dim: int) -> torch.Tensor:
@@ -29,14 +29,18 @@ def channel_sq_norms(grad: torch.Tensor, dim: int) -> torch.Tensor:
     fp32, without a full-size temporary (``grad.square()`` allocated and wrote an m x n tensor each
     step: on CPU an mmap and page faults for every matrix). Rows: ``vector_norm`` over the
     contiguous dim, squared. Columns: ``vector_norm`` over a strided dim is several times slower on
-    CPU, so slices of ``_ROW_BLOCK`` rows are squared and summed into one accumulator."""
+    CPU, so blocks of ``_ROW_BLOCK`` rows are multiplied-and-added into one ``_ROW_BLOCK`` x n fp32
+    accumulator (no temporary per block), which is summed over its rows at the end."""
     if dim == 1 or grad.device.type != "cpu":
         return torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=torch.float32).square_()
-    acc = None
-    for i in range(0, grad.shape[0], _ROW_BLOCK):
-        part = grad[i:i + _ROW_BLOCK].square().sum(dim=0, keepdim=True, dtype=torch.float32)
-        acc = part if acc is None else acc.add_(part)
-    return acc
+    m = grad.shape[0]
+    acc = torch.zeros(min(_ROW_BLOCK, m), grad.shape[1], dtype=torch.float32, device=grad.device)
+    for i in range(0, m, _ROW_BLOCK):
+        block = grad[i:i + _ROW_BLOCK]
+        if block.dtype != torch.float32:
+            block = block.float()
+        acc[:block.shape[0]].addcmul_(block, block)
+    return acc.sum(dim=0, keepdim=True)
 
 
 class APOLLOAdamW(ProjectedOptimizer):
