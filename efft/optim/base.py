@@ -169,14 +169,9 @@ class ProjectedOptimizer(Optimizer):
         if group["state_bits"] == 32 and all(p.device.type == "cpu" for p in params):
             for p, g, st, s, c in zip(params, grads, states, step_sizes, v_scales):
                 for pc, gc, m, v in _cpu_chunks(p, g, st["exp_avg"], st["exp_avg_sq"]):
-                    m.mul_(beta1).add_(gc, alpha=1.0 - beta1)
-                    v.mul_(beta2).addcmul_(gc, gc, value=1.0 - beta2)
-                    denom = v.sqrt()
-                    if c != 1.0:
-                        denom.mul_(c)
-                    direction = torch.div(m, denom.add_(eps), out=denom)  # div then add: the authors' rounding
-                    pc.add_(direction if direction.dtype == pc.dtype else direction.to(pc.dtype), alpha=s)
-                    del denom, direction
+                    direction = moments.adam_direction({"exp_avg": m, "exp_avg_sq": v}, gc, beta1, beta2, eps, c)
+                    pc.add_(direction.to(pc.dtype), alpha=s)
+                    del direction  # one temporary alive at a time
         elif group["state_bits"] == 32:
             ms = [st["exp_avg"] for st in states]
             vs = [st["exp_avg_sq"] for st in states]
