@@ -17,11 +17,20 @@ class OffloadTrainerCallback(TrainerCallback):
         self.optimizer = optimizer
         self._saved_norm = None
 
+    def _check(self, args) -> None:
+        """Refuse a run the optimizer cannot serve (called first at train begin)."""
+
+    def _set_accumulation(self, steps: int) -> None:
+        self.optimizer.gradient_accumulation_steps = steps
+
+    def _set_max_grad_norm(self, norm: float) -> None:
+        self.optimizer.max_grad_norm = norm
+
     def on_train_begin(self, args, state, control, **kwargs):
-        opt = self.optimizer
-        opt.gradient_accumulation_steps = int(args.gradient_accumulation_steps)
+        self._check(args)
+        self._set_accumulation(int(args.gradient_accumulation_steps))
         if args.max_grad_norm is not None and args.max_grad_norm > 0:
-            opt.max_grad_norm = float(args.max_grad_norm)
+            self._set_max_grad_norm(float(args.max_grad_norm))
             self._saved_norm = args.max_grad_norm
             args.max_grad_norm = 0.0
         return control
@@ -33,33 +42,22 @@ class OffloadTrainerCallback(TrainerCallback):
         return control
 
 
-class HostParamsTrainerCallback(TrainerCallback):
+class HostParamsTrainerCallback(OffloadTrainerCallback):
     """For a HostParamsOptimizer (host-resident embedding/LM head): the host parameters may be
     stepped during backward, before Trainer would clip, so Trainer's clipping is handed to the
     optimizer for the run (restored at the end) and its accumulation count is copied there.
     Several processes are refused (the host steps run before DDP could all-reduce)."""
 
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-        self._saved_norm = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
+    def _check(self, args) -> None:
         if args.world_size > 1:
             raise ValueError("quant.embeddings: host is single-process (the host parameters are stepped on this "
                              "process's CPU during backward, before DDP could all-reduce their gradients)")
-        opt = self.optimizer
-        opt.host.gradient_accumulation_steps = int(args.gradient_accumulation_steps)
-        if args.max_grad_norm is not None and args.max_grad_norm > 0:
-            opt.set_max_grad_norm(float(args.max_grad_norm))
-            self._saved_norm = args.max_grad_norm
-            args.max_grad_norm = 0.0
-        return control
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._saved_norm is not None:
-            args.max_grad_norm = self._saved_norm
-            self._saved_norm = None
-        return control
+    def _set_accumulation(self, steps: int) -> None:
+        self.optimizer.host.gradient_accumulation_steps = steps
+
+    def _set_max_grad_norm(self, norm: float) -> None:
+        self.optimizer.set_max_grad_norm(norm)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         norm = self.optimizer.last_grad_norm
