@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch.optim import Optimizer
 
-from .optimizer import OffloadOptimizer
+from .optimizer import OffloadOptimizer, init_wrapper
 
 __all__ = ["HostParamsOptimizer", "host_params_optimizer"]
 
@@ -68,15 +68,7 @@ class HostParamsOptimizer(Optimizer):
         self.last_grad_norm: Optional[float] = None
         self._sq_lock = threading.Lock()
         self._host_sq = 0.0
-        self.defaults = main.defaults
-        self.param_groups = list(main.param_groups) + list(host.param_groups)
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
-        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        init_wrapper(self, main.defaults, list(main.param_groups) + list(host.param_groups))
         self._configure()
 
     @staticmethod

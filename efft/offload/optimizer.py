@@ -182,17 +182,8 @@ class OffloadOptimizer(Optimizer):
         self.last_grad_norm: Optional[torch.Tensor] = None
         self._migrated = False
 
-        # The wrapper's groups are the user's (schedulers write lr there); Optimizer.__init__ is not
-        # called because it would rebuild them.
-        self.defaults = base.defaults
-        self.param_groups = base.param_groups
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
-        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        # The wrapper's groups are the user's (schedulers write lr there)
+        init_wrapper(self, base.defaults, base.param_groups)
 
         self._slots: list[_Slot] = []
         for gi, g in enumerate(base.param_groups):
@@ -569,6 +560,20 @@ class OffloadOptimizer(Optimizer):
 
     def __getstate__(self):
         raise TypeError("OffloadOptimizer is not picklable; save state_dict() instead")
+
+
+def init_wrapper(opt: Optimizer, defaults: dict, param_groups: list) -> None:
+    """What ``Optimizer.__init__`` sets up, for a wrapper that must not call it (it would rebuild
+    ``param_groups``, which the wrapper shares with the optimizers it wraps)."""
+    opt.defaults = defaults
+    opt.param_groups = param_groups
+    opt._optimizer_step_pre_hooks = {}
+    opt._optimizer_step_post_hooks = {}
+    opt._optimizer_state_dict_pre_hooks = {}
+    opt._optimizer_state_dict_post_hooks = {}
+    opt._optimizer_load_state_dict_pre_hooks = {}
+    opt._optimizer_load_state_dict_post_hooks = {}
+    opt._zero_grad_profile_name = f"Optimizer.zero_grad#{type(opt).__name__}.zero_grad"
 
 
 def offload_optimizer(optimizer: Optimizer, cfg: Any = None, **kw) -> OffloadOptimizer:
