@@ -27,6 +27,8 @@ from typing import Any, Optional
 import torch
 from torch.optim import Optimizer
 
+from efft.integrations.ddp import world_size
+
 from .optimizer import OffloadOptimizer, init_wrapper
 
 __all__ = ["HostParamsOptimizer", "host_params_optimizer"]
@@ -58,7 +60,7 @@ class HostParamsOptimizer(Optimizer):
                  order: Optional[list] = None):
         if not getattr(host, "resident", False):
             raise TypeError("host must be an OffloadOptimizer built with resident=True")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if world_size() > 1:
             raise ValueError("quant.embeddings: host is single-process: the host parameters are stepped on this "
                              "process's CPU during backward, before DDP could all-reduce their gradients")
         self.main, self.host = main, host

@@ -34,17 +34,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .activations import find_decoder_layers
+from efft.integrations.ddp import queue_callback, world_size
+
+from .activations import _cfg, find_decoder_layers
 from .pinned import HostBufferPool, register_host_bytes_provider
 from .transfer import Mover, wait_cpu
 
 __all__ = ["WeightStreamer", "enable_weight_streaming", "STREAMED_BUFFERS"]
 
 STREAMED_BUFFERS = ("weight_codes", "weight_scale", "sr_state")
-
-
-def _cfg(cfg: Any, name: str, default):
-    return default if cfg is None else getattr(cfg, name, default)
 
 
 def _in_backward() -> bool:
@@ -88,8 +86,7 @@ class WeightStreamer:
         k = int(_cfg(cfg, "weights_prefetch_layers", 1) if prefetch_layers is None else prefetch_layers)
         if k not in (1, 2):
             raise ValueError(f"weights_prefetch_layers must be 1 or 2, got {k}")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if world_size() > 1:
             raise ValueError("offload.weights runs in one process: under DDP a layer-wise update is applied after "
                              "the next parameter's gradient arrives, when its layer may already be back in host "
                              "memory; train without streaming or in one process")
@@ -300,7 +297,7 @@ class WeightStreamer:
                                    "would be wrong")
             if not self._callback_queued:
                 self._callback_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+                queue_callback(self._end_of_backward)
             for j in sorted((j for j in self._installed if j > i), reverse=True):
                 self._release(j)  # their backward is over: everything below reads only layer i and down
             self._ensure(i, -1)
