@@ -14,7 +14,7 @@ from efft.offload.weights import enable_weight_streaming
 from efft.optim.factory import build_optimizer
 from efft.quant.trainable import (Int8LayerwiseOptimizer, Int8TrainableLinear, load_int8_checkpoint,
                                   save_int8_checkpoint)
-from tests.quantized_ft.helpers import assert_same_state, batches, int8_model, int8_state
+from tests.quantized_ft.helpers import assert_same_state, batches, int8_model, int8_state, train_steps
 from tests.threads import one_thread  # noqa: F401  (autouse)
 
 
@@ -32,18 +32,6 @@ def _layerwise(model, accumulate=1):
                            gradient_accumulation_steps=accumulate, max_grad_norm=0.0)
 
 
-def _train(model, opt, data, accumulate=1):
-    losses = []
-    for i in range(0, len(data), accumulate):
-        for b in data[i:i + accumulate]:
-            out = model(**b)
-            (out.loss / accumulate).backward()
-            losses.append(out.loss.item())
-        opt.step()
-        opt.zero_grad()
-    return losses
-
-
 def _write_backs(model):
     return [int(m.sr_state[1]) for m in model.modules() if isinstance(m, Int8TrainableLinear)]
 
@@ -55,10 +43,10 @@ def test_streamed_training_is_bitwise_the_same(prefetch, ckpt, accumulate):
     # 4 micro-batches: with accumulation 3 the second step is a short cycle, applied in step()
     data = batches(4)
     ref = _model(ckpt=ckpt)
-    ref_losses = _train(ref, _layerwise(ref, accumulate), data, accumulate)
+    ref_losses = train_steps(ref, _layerwise(ref, accumulate), data, accumulate)
     m = _model(ckpt=ckpt)
     s = enable_weight_streaming(m, prefetch_layers=prefetch)
-    losses = _train(m, _layerwise(m, accumulate), data, accumulate)
+    losses = train_steps(m, _layerwise(m, accumulate), data, accumulate)
     assert losses == ref_losses
     assert_same_state(ref, m)
     steps = -(-len(data) // accumulate)
@@ -73,12 +61,12 @@ def test_int8_layerwise_optimizer_with_accumulation_is_bitwise_the_same():
     ref = _model(ckpt="non-reentrant")
     opt = Int8LayerwiseOptimizer(torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2),
                                  gradient_accumulation_steps=2)
-    ref_losses = _train(ref, opt, data, 2)
+    ref_losses = train_steps(ref, opt, data, 2)
     m = _model(ckpt="non-reentrant")
     s = enable_weight_streaming(m, prefetch_layers=2)
     opt = Int8LayerwiseOptimizer(torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2),
                                  gradient_accumulation_steps=2)
-    assert _train(m, opt, data, 2) == ref_losses
+    assert train_steps(m, opt, data, 2) == ref_losses
     assert_same_state(ref, m)
     assert set(_write_backs(m)) == {3} and s.stats["step_updates"] == 21
 
@@ -89,12 +77,12 @@ def test_with_activation_offload_too():
 
     data = batches(3)
     ref = _model()
-    ref_losses = _train(ref, _layerwise(ref), data)
+    ref_losses = train_steps(ref, _layerwise(ref), data)
     m = _model()
     cfg = OffloadConfig(activations=True, weights=True, min_offload_bytes=0)
     acts = enable_activation_offload(m, cfg)
     enable_weight_streaming(m, cfg)
-    assert _train(m, _layerwise(m), data) == ref_losses
+    assert train_steps(m, _layerwise(m), data) == ref_losses
     assert_same_state(ref, m)
     assert acts.stats["offloaded"] > 0
 
@@ -120,7 +108,7 @@ def test_hooks_inside_a_checkpoint_recompute_in_backward():
         inner = torch.nn.ModuleList(list(m.model.layers))
         m.model.layers = torch.nn.ModuleList(_Checkpointed(layer) for layer in inner)
         s = enable_weight_streaming(m, layers=inner, trace=True) if stream else None
-        models.append((m, _train(m, _layerwise(m), data), s))
+        models.append((m, train_steps(m, _layerwise(m), data), s))
     (ref, ref_losses, _), (m, losses, s) = models
     assert losses == ref_losses
     assert_same_state(ref, m)
@@ -252,7 +240,7 @@ def test_device_never_holds_more_than_one_plus_prefetch_layers(prefetch, monkeyp
     monkeypatch.setattr(Int8TrainableLinear, "dequantize", dequantize)
     opt = _layerwise(m)
     with live:
-        _train(m, opt, batches(2))
+        train_steps(m, opt, batches(2))
     # the int8 codes really alive (independent of the streamer's bookkeeping), and the streamer's count
     # of codes + scales + rounding state
     assert max(samples) == (1 + prefetch) * codes_per_layer
@@ -293,12 +281,12 @@ def test_eval_and_generation_stream_too():
 def test_save_and_resume_continue_exactly(tmp_path):
     data = batches(4)
     ref = _model()
-    _train(ref, _layerwise(ref), data)
+    train_steps(ref, _layerwise(ref), data)
 
     m = _model()
     enable_weight_streaming(m)
     opt = _layerwise(m)
-    _train(m, opt, data[:2])
+    train_steps(m, opt, data[:2])
     save_int8_checkpoint(m, tmp_path / "int8.safetensors")
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
 
@@ -307,7 +295,7 @@ def test_save_and_resume_continue_exactly(tmp_path):
     load_int8_checkpoint(resumed, tmp_path / "int8.safetensors")
     opt = _layerwise(resumed)
     opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
-    _train(resumed, opt, data[2:])
+    train_steps(resumed, opt, data[2:])
     assert_same_state(ref, resumed)
 
 
@@ -316,15 +304,15 @@ def test_remove_puts_the_weights_back_and_training_goes_on():
 
     data = batches(4)
     ref = _model()
-    _train(ref, _layerwise(ref), data)
+    train_steps(ref, _layerwise(ref), data)
     m = _model()
     s = enable_weight_streaming(m)
     opt = _layerwise(m)
-    _train(m, opt, data[:2])
+    train_steps(m, opt, data[:2])
     s.remove()
     assert weight_bytes(m)["host"] == 0 and s.host_bytes() == 0 and not hasattr(m, "_efft_weight_stream")
     assert all(not mod._host_buffers for mod in m.modules() if isinstance(mod, Int8TrainableLinear))
-    _train(m, opt, data[2:])
+    train_steps(m, opt, data[2:])
     assert_same_state(ref, m)
     assert s.stats["fetched"] == 4  # nothing streamed after remove(): 2 steps x (forward + backward)
 

@@ -66,3 +66,17 @@ def assert_codes_within_one(sa, sb, updates=None):
         if updates is not None:
             assert sa[k][2][1] == sb[k][2][1] == updates, k
     assert diff <= 1e-3 * total, (diff, total)
+
+
+def train_steps(model, opt, data, accumulate=1):
+    """``opt.step()`` after every ``accumulate`` micro-batches of ``data`` (losses scaled by 1/accumulate);
+    returns each micro-batch's loss."""
+    losses = []
+    for i in range(0, len(data), accumulate):
+        for b in data[i:i + accumulate]:
+            out = model(**b)
+            (out.loss / accumulate).backward()
+            losses.append(out.loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses

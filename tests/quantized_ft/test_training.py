@@ -9,7 +9,7 @@ from efft.quant.trainable import (Int8LayerwiseOptimizer, Int8TrainableLinear, e
                                   int8_layers, load_int8_checkpoint, save_int8_checkpoint)
 import efft.quant.trainable as trainable
 from tests.quantized_ft.helpers import (apollo_mini_groups, assert_codes_within_one, assert_same_state, batches,
-                                       int8_model, int8_state)
+                                       int8_model, int8_state, train_steps)
 
 
 def test_adamw_step_is_the_fp32_update_written_back_with_stochastic_rounding():
@@ -35,22 +35,10 @@ def test_adamw_step_is_the_fp32_update_written_back_with_stochastic_rounding():
     assert opt.state[layer.weight]["exp_avg"].shape == (48, 128)
 
 
-def _train(model, opt, data, accumulate=1):
-    losses = []
-    for i in range(0, len(data), accumulate):
-        for b in data[i:i + accumulate]:
-            out = model(**b)
-            (out.loss / accumulate).backward()
-            losses.append(out.loss.item())
-        opt.step()
-        opt.zero_grad()
-    return losses
-
-
 def test_layerwise_apollo_mini_equals_whole_step_and_keeps_one_gradient_alive():
     data = batches(3)
     a, b = int8_model(), int8_model()
-    _train(a, APOLLOAdamW(apollo_mini_groups(a), lr=2e-3), data)
+    train_steps(a, APOLLOAdamW(apollo_mini_groups(a), lr=2e-3), data)
 
     params = [p for p in b.parameters() if p.requires_grad]
     alive, materialized = [], []
@@ -62,7 +50,7 @@ def test_layerwise_apollo_mini_equals_whole_step_and_keeps_one_gradient_alive():
     for p in params:
         p.register_post_accumulate_grad_hook(probe)
     opt = Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(b), lr=2e-3))
-    _train(b, opt, data)
+    train_steps(b, opt, data)
     # same gradients, same per-parameter update, same rounding stream: bit-identical
     assert_same_state(a, b)
     # one parameter's float32 gradient at a time (the current one), no weight materialized between updates
@@ -78,7 +66,7 @@ def test_foreign_layerwise_hooks_see_a_materialized_weight():
     data = batches(2)
     a, b = int8_model(), int8_model()
     opt_a = Int8LayerwiseOptimizer(torch.optim.SGD([p for p in a.parameters() if p.requires_grad], lr=0.05))
-    _train(a, opt_a, data)
+    train_steps(a, opt_a, data)
     params = [p for p in b.parameters() if p.requires_grad]
     seen = []
 
@@ -102,10 +90,10 @@ def test_gradient_accumulation_in_layerwise_mode_matches_one_large_batch():
     for b in full:
         halves += [{k: v[:2] for k, v in b.items()}, {k: v[2:] for k, v in b.items()}]
     a, b = int8_model(), int8_model()
-    _train(a, Int8LayerwiseOptimizer(torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-3)), full)
+    train_steps(a, Int8LayerwiseOptimizer(torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-3)), full)
     opt = Int8LayerwiseOptimizer(torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-3),
                                  gradient_accumulation_steps=2)
-    _train(b, opt, halves, accumulate=2)
+    train_steps(b, opt, halves, accumulate=2)
     assert_codes_within_one(int8_state(a), int8_state(b), updates=2)  # two updates each, not four
 
 
@@ -117,16 +105,16 @@ def test_save_and_resume_continue_exactly(tmp_path):
         return m, Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(m), lr=2e-3))
 
     ref, opt_ref = build()
-    _train(ref, opt_ref, data)
+    train_steps(ref, opt_ref, data)
 
     a, opt_a = build()
-    _train(a, opt_a, data[:3])
+    train_steps(a, opt_a, data[:3])
     save_int8_checkpoint(a, tmp_path / "model.safetensors")
     torch.save(opt_a.state_dict(), tmp_path / "optimizer.pt")
     b, opt_b = build()
     load_int8_checkpoint(b, tmp_path / "model.safetensors")
     opt_b.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
-    _train(b, opt_b, data[3:])
+    train_steps(b, opt_b, data[3:])
     assert_same_state(ref, b)
 
 
@@ -134,7 +122,7 @@ def test_export_full_precision_loads_as_the_original_architecture(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = int8_model()
-    _train(model, Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(model), lr=2e-3)), batches(2))
+    train_steps(model, Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(model), lr=2e-3)), batches(2))
     batch = batches(1, seed=50)[0]
     with torch.no_grad():
         ref = model(**batch).logits
@@ -175,7 +163,7 @@ def test_save_pretrained_round_trip_through_load_int8_pretrained(tmp_path):
     from efft.quant.trainable import load_int8_pretrained
 
     model = int8_model()
-    _train(model, Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(model), lr=2e-3)), batches(2))
+    train_steps(model, Int8LayerwiseOptimizer(APOLLOAdamW(apollo_mini_groups(model), lr=2e-3)), batches(2))
     model.save_pretrained(tmp_path)  # what Trainer checkpoints and efft's final save write
     back = load_int8_pretrained(tmp_path, attn_implementation="eager")  # tiny_model uses eager
     assert_same_state(model, back)
