@@ -1,5 +1,4 @@
 """The training loop end to end on a tiny model: card, safetensors, exact resume, atomic checkpoints."""
-import json
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,6 @@ from efft.train import train
 
 TINY = {"model_type": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "d.jsonl"
-    rows = [{"instruction": f"Add {a} and {b}.", "output": f"Answer: {a + b}"} for a in range(6) for b in range(6)]
-    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return p
 
 
 def recipe(data_path, out, **train):

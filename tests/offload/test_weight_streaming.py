@@ -403,7 +403,7 @@ def test_prefetch_layers_is_one_or_two(tmp_path):
                         source="(test)", files=False)
 
 
-def test_efft_train_streams_and_resumes_to_the_unstreamed_result(tmp_path):
+def test_efft_train_streams_and_resumes_to_the_unstreamed_result(data_path, tmp_path):
     """`efft train` with offload.weights: interrupted after 2 of 6 steps and resumed from its checkpoint,
     it ends bitwise where the same recipe without streaming ends (gradient accumulation 2, checkpointing;
     36 examples in batches of 4 make step 5 a one-micro-batch cycle, applied in step())."""
@@ -415,12 +415,9 @@ def test_efft_train_streams_and_resumes_to_the_unstreamed_result(tmp_path):
     from efft import cli, config
     from efft.train import train
 
-    data = tmp_path / "d.jsonl"
-    rows = [{"instruction": f"Add {a} and {b}.", "output": f"Answer: {a + b}"} for a in range(6) for b in range(6)]
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    ref = train(config.validate(_recipe_dict(data, tmp_path / "ref"), source="(test)"))
+    ref = train(config.validate(_recipe_dict(data_path, tmp_path / "ref"), source="(test)"))
     path = tmp_path / "stream.yaml"
-    path.write_text(yaml.safe_dump(_recipe_dict(data, tmp_path / "stream", offload={"weights": True})))
+    path.write_text(yaml.safe_dump(_recipe_dict(data_path, tmp_path / "stream", offload={"weights": True})))
     assert cli.main(["train", str(path), "max_steps=2"]) == 0
     assert cli.main(["train", str(path), "train.resume_from_checkpoint=true"]) == 0
     card = json.loads((tmp_path / "stream" / "card.json").read_text())

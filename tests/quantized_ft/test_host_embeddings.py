@@ -276,14 +276,6 @@ def _recipe(data_path, out, embeddings="host", **extra):
     return config.validate(d)
 
 
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "d.jsonl"
-    rows = [{"instruction": f"Add {a} and {b}.", "output": f"Answer: {a + b}"} for a in range(6) for b in range(6)]
-    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return p
-
-
 def test_planner_moves_embedding_and_head_to_host(data_path, tmp_path):
     """Llama 320 x 64 untied: embedding and head 2 x 81,920 B of float32 weights. With host mode they
     leave the device; the device gets the chunk workspace instead: a ring of two float32 chunks of

@@ -1,6 +1,5 @@
 """Int8 trainable weights with efft's optimizer factory (all four optimizers, layer-wise or not) and
 with the recipe -> Trainer path (efft.train.train), including an exact resume."""
-import json
 
 import pytest
 import torch
@@ -103,7 +102,7 @@ def _recipe(data_path, out, **train):
     })
 
 
-def test_recipe_trains_through_trainer_and_resumes_exactly(tmp_path):
+def test_recipe_trains_through_trainer_and_resumes_exactly(data_path, tmp_path):
     from transformers import TrainerCallback
 
     from efft.train import train
@@ -113,15 +112,12 @@ def test_recipe_trains_through_trainer_and_resumes_exactly(tmp_path):
             if state.global_step >= 3:
                 control.should_training_stop = True
 
-    data = tmp_path / "d.jsonl"
-    rows = [{"instruction": f"Add {a} and {b}.", "output": f"Answer: {a + b}"} for a in range(6) for b in range(6)]
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    full = train(_recipe(data, tmp_path / "full"))
+    full = train(_recipe(data_path, tmp_path / "full"))
     assert full["global_step"] == 6 and full["last_loss"] < full["first_loss"]
     part = tmp_path / "part"
-    first = train(_recipe(data, part), trainer_hook=lambda tr: tr.add_callback(StopAt()))
+    first = train(_recipe(data_path, part), trainer_hook=lambda tr: tr.add_callback(StopAt()))
     assert first["global_step"] == 3
-    second = train(_recipe(data, part, resume_from_checkpoint=True))
+    second = train(_recipe(data_path, part, resume_from_checkpoint=True))
     assert second["global_step"] == 6
     curve = lambda c: [l for _, l in c["loss_curve"]]  # noqa: E731
     assert curve(second) == curve(full)
