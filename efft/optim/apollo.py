@@ -3,7 +3,7 @@ learn a per-channel (or, for APOLLO-Mini, per-tensor) scale of the *full-rank* g
 
 The Gaussian projection N(0, 1/r) is regenerated from an integer seed at every step, so it costs
 no memory (``cache_projection=True`` keeps it outside the optimizer state until the next refresh:
-~5% faster a step, r x n floats a weight); state_dict holds only the seed (apollo-torch stores the matrix), every DDP rank
+~8% faster a step in the rank-128 CPU benchmark, r x n floats a weight); state_dict holds only the seed (apollo-torch stores the matrix), every DDP rank
 generates the same matrix, and a resumed run regenerates it from the loaded seed. Seeds follow
 apollo-torch (parameter position, advanced at each refresh), so results match it. The scaled
 gradient is multiplied by sqrt(scale) and its norm growth between steps is capped at
