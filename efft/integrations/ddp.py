@@ -128,8 +128,11 @@ class BackwardAllReduce:
             self.apply(p, grad, tag)
 
     def end_step(self) -> None:
-        """The optimizer step closed (``step()`` may have launched reductions outside backward)."""
+        """Close the optimizer step (its ``step()``, which may have launched reductions outside
+        backward): finish the update in flight, then consume the gradients DDP reduced for the
+        parameters left to it (a short last cycle: DDP reduced them on its last micro-batch)."""
         self.complete()
+        self.update_ddp_params()
         self._completed_step = False
 
     def _end_of_backward(self) -> None:

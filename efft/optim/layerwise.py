@@ -164,9 +164,7 @@ class LayerwiseOptimizer(Optimizer):
         for p in list(self._acc):
             self._finish(p)
         if self._reducer is not None:
-            self._reducer.complete()
-            self._reducer.update_ddp_params()  # a short last cycle (DDP reduced them on its last micro-batch)
-            self._reducer.end_step()
+            self._reducer.end_step()  # and the parameters left to DDP, after a short last cycle
         norm = math.sqrt(float(self._sq_norm))  # the step's one host sync
         self.last_grad_norm = norm
         if self.max_grad_norm > 0:

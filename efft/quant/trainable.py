@@ -510,9 +510,7 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
             if p.grad is not None:
                 self._finish(p)  # same order on every rank
         if self._reducer is not None:
-            self._reducer.complete()
-            self._reducer.update_ddp_params()  # a short last cycle (DDP reduced them on its last micro-batch)
-            self._reducer.end_step()
+            self._reducer.end_step()  # and the parameters left to DDP, after a short last cycle
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
