@@ -109,13 +109,10 @@ def run_plain(name: str, watch: bool = False, accum: int = ACCUM, steps: int = S
     return out
 
 
-def unwrapped_error() -> str:
-    """A model left unwrapped under several processes: the 1-D gradients are not reduced by anyone."""
-    from .test_layerwise import build, micro_batches
-    from .helpers import model
+def _first_backward_error(m, opt) -> str:
+    """The RuntimeError one backward of ``m`` on this rank's rows raises ("" if none); unhooks ``opt``."""
+    from .test_layerwise import micro_batches
 
-    m = model()
-    opt = build(m, "galore", True, accum=1, clip=CLIP)
     try:
         m(**local_rows(micro_batches(0, micro=MICRO, n=1)[0])).loss.backward()
     except RuntimeError as e:
@@ -123,6 +120,15 @@ def unwrapped_error() -> str:
     finally:
         opt.remove_hooks()
     return ""
+
+
+def unwrapped_error() -> str:
+    """A model left unwrapped under several processes: the 1-D gradients are not reduced by anyone."""
+    from .helpers import model
+    from .test_layerwise import build
+
+    m = model()
+    return _first_backward_error(m, build(m, "galore", True, accum=1, clip=CLIP))
 
 
 def not_excluded_error() -> str:
@@ -130,17 +136,9 @@ def not_excluded_error() -> str:
     from efft.quant.trainable import Int8LayerwiseOptimizer
 
     from .helpers import model
-    from .test_layerwise import micro_batches
 
     m = model()
-    opt = Int8LayerwiseOptimizer(torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]))
-    try:
-        m(**local_rows(micro_batches(0, micro=MICRO, n=1)[0])).loss.backward()
-    except RuntimeError as e:
-        return str(e)
-    finally:
-        opt.remove_hooks()
-    return ""
+    return _first_backward_error(m, Int8LayerwiseOptimizer(torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])))
 
 
 def run_int8_driver(steps: int = INT8_STEPS) -> dict:
