@@ -192,7 +192,6 @@ class LossTokenState:
         self.lm, self.chunk_size, self.scale, self.softcap = lm, chunk_size, scale, softcap
         self.last_block, self.orig_forward = last_block, orig_forward
         self.last_block_skip = bool(last_block.modules) or last_block.restricts_attention
-        self.label_rows: Optional[torch.Tensor] = None  # (B, S) bool of the last sparse forward
         self.host_reads = 0  # sparse forwards that had to read the label-row count from the device
 
     def sparse_forward(self, bound: dict[str, Any], label_rows: Optional[LabelRows] = None):
@@ -206,7 +205,6 @@ class LossTokenState:
         bound.pop("logits_to_keep", None)
         if shift is None:
             shift = _shift_labels(labels, ignore)
-        self.label_rows = shift != ignore
         if label_rows is not None and label_rows.shape == tuple(shift.shape) and ignore == IGNORE_INDEX:
             label_rows = label_rows.to(shift.device, non_blocking=True)  # counted on the host by the collator
         else:  # the fallback's one host read: the number of label rows
