@@ -20,7 +20,6 @@ One object for Trainer: ``param_groups`` holds both optimizers' groups (schedule
 """
 from __future__ import annotations
 
-import math
 import threading
 from typing import Any, Optional
 
@@ -129,9 +128,10 @@ class HostParamsOptimizer(Optimizer):
         return None if c == 1.0 else c
 
     def _per_parameter_scale(self, p: torch.Tensor, grad: torch.Tensor):
-        norm = float(grad.float().norm())
-        m = self.main.max_grad_norm
-        return m / (norm + 1e-6) if math.isfinite(norm) and norm > m else None
+        from efft.quant.trainable import per_parameter_clip
+
+        c = per_parameter_clip(grad, self.main.max_grad_norm)  # Int8LayerwiseOptimizer's own clip
+        return None if c == 1.0 else c
 
     # ------------------------------------------------------------------------------ step
     @torch.no_grad()

@@ -384,6 +384,13 @@ def _ensure_step_hooks() -> None:
 
 
 # ------------------------------------------------------------------------------------ layer-wise
+def per_parameter_clip(grad: torch.Tensor, max_norm: float) -> float:
+    """The factor ``Int8LayerwiseOptimizer`` scales one parameter's gradient by: ``max_norm / (norm + 1e-6)``
+    when its norm is finite and above ``max_norm``, else 1.0 (one host read of the norm)."""
+    norm = float(grad.float().norm())
+    return max_norm / (norm + 1e-6) if math.isfinite(norm) and norm > max_norm else 1.0
+
+
 class Int8LayerwiseOptimizer(torch.optim.Optimizer):
     """Layer-wise driver: updates each parameter inside backward, as soon as its gradient is complete.
 
@@ -461,11 +468,7 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _update(self, p: torch.Tensor) -> None:
-        clip = 1.0
-        if self.max_grad_norm is not None:
-            norm = float(p.grad.float().norm())
-            if math.isfinite(norm) and norm > self.max_grad_norm:
-                clip = self.max_grad_norm / (norm + 1e-6)
+        clip = 1.0 if self.max_grad_norm is None else per_parameter_clip(p.grad, self.max_grad_norm)
         layer = _owner(p)
         if layer is not None:
             layer.materialize()
