@@ -70,6 +70,27 @@ def ignore_in_ddp(model: torch.nn.Module, params: list[torch.Tensor], who: str) 
     return names
 
 
+def hook_reduction(params: list[torch.Tensor], apply: Callable[[torch.Tensor, torch.Tensor, Any], None],
+                   update_ddp: Callable[[torch.Tensor], None], who: str):
+    """For an optimizer built now that consumes ``params``' gradients in their hooks: (the parameters
+    it updates in its hooks, those left to DDP, the :class:`BackwardAllReduce` averaging the former
+    or None in one process). Under several processes rank 0's values of the former are broadcast."""
+    world = world_size()
+    if world == 1:
+        return params, [], None
+    mine, left = split_for_ddp(params)
+    reducer = BackwardAllReduce(world, mine, left, apply, update_ddp, who)
+    broadcast_from_rank0(mine)
+    return mine, left, reducer
+
+
+def require_one_process(who: str) -> None:
+    """An optimizer built without a reducer (one process) refuses to run under several."""
+    if world_size() != 1:
+        raise RuntimeError(f"{who}: the optimizer was built for one process, training runs with {world_size()}; "
+                           "build it after torch.distributed.init_process_group")
+
+
 class BackwardAllReduce:
     """Averages gradients across ranks for an optimizer that consumes them inside backward.
 

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from efft.integrations.ddp import BackwardAllReduce, broadcast_from_rank0, ignore_in_ddp, split_for_ddp, world_size
+from efft.integrations.ddp import hook_reduction, ignore_in_ddp, require_one_process, world_size
 
 from .base import ProjectedOptimizer
 
@@ -79,14 +79,11 @@ class LayerwiseOptimizer(Optimizer):
         params = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
         #: ``ddp_params``: left to DDP under several processes (see efft.integrations.ddp); empty in
         #: one process, where every parameter is updated in its own hook.
-        self.layerwise_params, self.ddp_params = split_for_ddp(params) if self.world_size > 1 else (params, [])
-        self._reducer = None
+        self.layerwise_params, self.ddp_params, self._reducer = hook_reduction(
+            params, self._apply, lambda p: self._apply(p, p.grad, False), "layerwise")
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.layerwise_params]
-        if self.world_size > 1:
-            self._reducer = BackwardAllReduce(self.world_size, self.layerwise_params, self.ddp_params, self._apply,
-                                              lambda p: self._apply(p, p.grad, False), "layerwise")
+        if self._reducer is not None:
             self._handles += [p.register_hook(self._reducer.arrived) for p in self.layerwise_params]
-            broadcast_from_rank0(self.layerwise_params)
 
     def keep_out_of_ddp(self, model: torch.nn.Module) -> list[str]:
         """Tell DDP (``torch.nn.parallel.DistributedDataParallel``, also as Trainer/accelerate build
@@ -127,10 +124,8 @@ class LayerwiseOptimizer(Optimizer):
             return
         if self._reducer is not None:
             self._reducer.launch(p, grad, acc is not None)  # _apply runs when the average is in
-        elif world_size() != 1:
-            raise RuntimeError(f"layerwise: the optimizer was built for one process, training runs with {world_size()}; "
-                               "build it after torch.distributed.init_process_group")
         else:
+            require_one_process("layerwise")
             self._apply(p, grad, acc is not None)
 
     def _apply(self, p: torch.Tensor, grad: torch.Tensor, projected: bool) -> None:

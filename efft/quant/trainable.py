@@ -42,7 +42,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from efft.integrations.ddp import BackwardAllReduce, broadcast_from_rank0, ignore_in_ddp, split_for_ddp, world_size
+from efft.integrations.ddp import hook_reduction, ignore_in_ddp, require_one_process, world_size
 
 from .stochastic import (dequantize_int8_blockwise, mix_seed, n_blocks, quantize_int8_blockwise,
                          requantize)
@@ -432,13 +432,9 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
         # Several processes: see efft.integrations.ddp (1-D parameters stay with DDP; the others are
         # averaged here, asynchronously, on the micro-batch that completes their accumulation).
         self.world_size = world_size()
-        self._layerwise, self._ddp_params = split_for_ddp(self._params) if self.world_size > 1 else (self._params, [])
-        self._reducer = None
+        self._layerwise, self._ddp_params, self._reducer = hook_reduction(
+            self._params, lambda p, g, _: self._update(p), self._update, "Int8LayerwiseOptimizer")
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._layerwise]
-        if self.world_size > 1:
-            self._reducer = BackwardAllReduce(self.world_size, self._layerwise, self._ddp_params,
-                                              lambda p, g, _: self._update(p), self._update, "Int8LayerwiseOptimizer")
-            broadcast_from_rank0(self._layerwise)
         for p in self._params:
             if is_int8_carrier(p):
                 p._efft_int8_driven = True
@@ -455,10 +451,8 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
     def _finish(self, p: torch.Tensor) -> None:
         if self._reducer is not None:
             self._reducer.launch(p, p.grad)  # averages p.grad in place, then _update(p)
-        elif world_size() != 1:
-            raise RuntimeError(f"Int8LayerwiseOptimizer: built for one process, training runs with {world_size()}; "
-                               "build it after torch.distributed.init_process_group")
         else:
+            require_one_process("Int8LayerwiseOptimizer")
             self._update(p)
 
     def keep_out_of_ddp(self, model: nn.Module) -> list[str]:
