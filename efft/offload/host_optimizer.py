@@ -30,7 +30,12 @@ from efft.integrations.ddp import world_size
 
 from .optimizer import OffloadOptimizer, init_wrapper
 
-__all__ = ["HostParamsOptimizer", "host_params_optimizer"]
+__all__ = ["HostParamsOptimizer", "host_params_optimizer", "SINGLE_PROCESS"]
+
+#: Why quant.embeddings: host refuses several processes (the recipe check, the optimizer and its
+#: Trainer callback say the same)
+SINGLE_PROCESS = ("host is single-process: the host parameters are stepped on this process's CPU during backward, "
+                  "before DDP could all-reduce their gradients")
 
 
 def _host_inner(main: Optimizer, params: list, *, lr, weight_decay, betas, eps, state_bits: int) -> Optimizer:
@@ -60,8 +65,7 @@ class HostParamsOptimizer(Optimizer):
         if not getattr(host, "resident", False):
             raise TypeError("host must be an OffloadOptimizer built with resident=True")
         if world_size() > 1:
-            raise ValueError("quant.embeddings: host is single-process: the host parameters are stepped on this "
-                             "process's CPU during backward, before DDP could all-reduce their gradients")
+            raise ValueError(f"quant.embeddings: {SINGLE_PROCESS}")
         self.main, self.host = main, host
         self.mode = self._mode(main)
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None

@@ -50,8 +50,9 @@ class HostParamsTrainerCallback(OffloadTrainerCallback):
 
     def _check(self, args) -> None:
         if args.world_size > 1:
-            raise ValueError("quant.embeddings: host is single-process (the host parameters are stepped on this "
-                             "process's CPU during backward, before DDP could all-reduce their gradients)")
+            from .host_optimizer import SINGLE_PROCESS
+
+            raise ValueError(f"quant.embeddings: {SINGLE_PROCESS}")
 
     def _set_accumulation(self, steps: int) -> None:
         self.optimizer.host.gradient_accumulation_steps = steps

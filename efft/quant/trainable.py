@@ -699,9 +699,9 @@ def _host_embedding_problems(recipe: Any) -> list[tuple[str, str]]:
         p.append(("quant.embeddings", "host keeps the LM head in host memory in full precision: keep 'lm_head' in "
                                       "quant.skip (it would otherwise become int8 codes)"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        p.append(("quant.embeddings", "host is single-process: the host parameters are stepped on this process's CPU "
-                                      "during backward, before DDP could all-reduce their gradients; use trainable or "
-                                      "frozen with several processes"))
+        from efft.offload.host_optimizer import SINGLE_PROCESS
+
+        p.append(("quant.embeddings", f"{SINGLE_PROCESS}; use trainable or frozen with several processes"))
     if recipe.train.fp16:
         p.append(("quant.embeddings", "host steps the embedding/LM head during backward, before fp16 loss scaling "
                                       "could unscale (or skip) their gradients; use train.bf16"))
