@@ -342,20 +342,16 @@ _deferred: list = []
 _callback_queued = [False]
 
 
-def _flush_deferred() -> None:
+def flush_deferred_writebacks() -> None:
+    """Write back now the layers a foreign layer-wise hook updated and that wait for the next
+    carrier's hook (or the end of backward): weight streaming calls it before releasing a layer."""
     while _deferred:
         _deferred.pop().commit()
 
 
-def flush_deferred_writebacks() -> None:
-    """Write back now the layers a foreign layer-wise hook updated and that wait for the next
-    carrier's hook (or the end of backward): weight streaming calls it before releasing a layer."""
-    _flush_deferred()
-
-
 def _end_of_backward() -> None:
     _callback_queued[0] = False
-    _flush_deferred()
+    flush_deferred_writebacks()
 
 
 def _carrier_hook(p: torch.Tensor) -> None:
@@ -367,7 +363,7 @@ def _carrier_hook(p: torch.Tensor) -> None:
     layer = _owner(p)
     if layer is None:
         return
-    _flush_deferred()
+    flush_deferred_writebacks()
     layer.materialize()
     _deferred.append(layer)
     if not _callback_queued[0]:
