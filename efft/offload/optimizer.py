@@ -284,26 +284,20 @@ class OffloadOptimizer(Optimizer):
             self.trace.append(("launch", s.index, "backward" if in_backward else "step", time.perf_counter()))
         if not s.on_host:
             return  # stepped on the device in step()
-        if self.resident:
-            s.gbuf, s.grad_ref, s.grad_version = g, g, g._version
-            s.grad_norm = torch.linalg.vector_norm(g.detach(), 2.0) if in_backward else None
-            if self.max_grad_norm:
-                s.norm = self._pool.submit(self._host_norm, s, None)
-            else:
-                self._sync_groups()
-                s.future = self._pool.submit(self._host_step, s, None, None)
-            return
         # A fingerprint (one reduction, on the device) to tell a real later change from a x1.0.
         s.grad_ref, s.grad_version = g, g._version
         s.grad_norm = torch.linalg.vector_norm(g.detach(), 2.0) if in_backward and not self.release_grads else None
-        if s.param._version != s.version:  # changed outside the optimizer (weights loaded): refresh the host copy
-            wait_cpu(s.h2d_event)
-            wait_cpu(self.mover.to_host(s.inner, s.param.detach(), tag=("param", s.index)))
-            s.version = s.param._version
-        ev = self.mover.to_host(s.gbuf, g, tag=("grad", s.index))
-        if self.release_grads:  # the copy holds the memory until it ran (record_stream)
-            s.param.grad = None
-            s.grad_ref = None
+        if self.resident:
+            s.gbuf, ev = g, None  # stepped in place from its own gradient: nothing to copy
+        else:
+            if s.param._version != s.version:  # changed outside the optimizer (weights loaded): refresh the host copy
+                wait_cpu(s.h2d_event)
+                wait_cpu(self.mover.to_host(s.inner, s.param.detach(), tag=("param", s.index)))
+                s.version = s.param._version
+            ev = self.mover.to_host(s.gbuf, g, tag=("grad", s.index))
+            if self.release_grads:  # the copy holds the memory until it ran (record_stream)
+                s.param.grad = None
+                s.grad_ref = None
         if self.max_grad_norm:
             s.norm = self._pool.submit(self._host_norm, s, ev)
         else:
