@@ -1,16 +1,13 @@
 """`efft train` under torchrun (2 CPU processes, gloo) gives the losses of one process with the same
 global batch, for APOLLO, GaLore (also layer-wise), QLoRA and loss-token skipping."""
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from efft import config
 from efft.train import train
+from tests.launch import launch, torchrun
 
 TINY = {"model_type": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -24,12 +21,6 @@ CASES = {
     # each rank's collator indexes its own batches' label rows (LabelRowsCallback)
     "loss_tokens": {"sparsity": {"loss_tokens": {"enabled": True, "chunk_size": 16}}},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +48,7 @@ def test_two_process_ddp_equals_single_process(case, data_path, tmp_path):
 
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(data_path, tmp_path / "ddp", 2, CASES[case])))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "efft.cli", "train", str(path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch(torchrun("-m", "efft.cli", "train", str(path)))
     card = json.loads((tmp_path / "ddp" / "card.json").read_text())
     got = [l for _, l in card["loss_curve"]]
     assert len(got) == len(want) == 4

@@ -8,8 +8,6 @@ Tolerance: the sharded run reduce-scatters the mean of two half-batch gradients 
 takes one full-batch mean, so fp32 rounding differs (seen: losses within 1e-6, weights within 3e-7
 after 4 AdamW steps); losses are compared to 2e-5 and weights to 1e-5."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,8 @@ from efft.compose import check_recipe
 from efft.config import RecipeError
 from efft.integrations.transformers import EfftPlugin, check_training_arguments
 from efft.train import train
-from tests.integrations.test_ddp import _free_port, data_path, recipe_dict  # noqa: F401 (data_path: fixture)
+from tests.integrations.test_ddp import data_path, recipe_dict  # noqa: F401 (data_path: fixture)
+from tests.launch import free_port, launch, torchrun
 
 NF4 = {"type": "nf4", "compute_dtype": "float32", "blocksize": 32}
 GENERATE = {"prompts": ["Add 1 and 2.", "Add 3 and 4."], "max_new_tokens": 4}  # after training, on every rank
@@ -64,22 +63,13 @@ def runs(data_path, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("fsdp")
     for ref in sorted({ref for _, ref, _ in CASES.values()}):
         train(config.validate(_recipe_for(data_path, root / f"single-{ref}", 4, CASES[ref][0])))
-    launch = {f"fsdp-{name}": _fsdp(_recipe_for(data_path, root / f"fsdp-{name}", 2, sections))
-              for name, (sections, _, _) in CASES.items()}
-    launch["fsdp-sampled"] = _fsdp(recipe_dict(data_path, root / "fsdp-sampled", 2, SAMPLED))
-    launch["ddp-sampled"] = recipe_dict(data_path, root / "ddp-sampled", 2, SAMPLED)
-    (root / "launch.json").write_text(json.dumps(launch))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(Path(__file__).with_name("fsdp_worker.py")), str(root / "launch.json")]
-    _launch(cmd)
+    recipes = {f"fsdp-{name}": _fsdp(_recipe_for(data_path, root / f"fsdp-{name}", 2, sections))
+               for name, (sections, _, _) in CASES.items()}
+    recipes["fsdp-sampled"] = _fsdp(recipe_dict(data_path, root / "fsdp-sampled", 2, SAMPLED))
+    recipes["ddp-sampled"] = recipe_dict(data_path, root / "ddp-sampled", 2, SAMPLED)
+    (root / "launch.json").write_text(json.dumps(recipes))
+    launch(torchrun(str(Path(__file__).with_name("fsdp_worker.py")), str(root / "launch.json")))
     return root
-
-
-def _launch(cmd: list[str]) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-6000:]
 
 
 def _losses(run: Path) -> list[float]:
@@ -153,9 +143,9 @@ def test_accelerate_launch_of_efft_train_equals_torchrun(runs, tmp_path):
     recipe = json.loads((runs / "launch.json").read_text())["ddp-sampled"]
     recipe["train"]["output_dir"] = str(tmp_path / "accelerate")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-             "--main_process_port", str(_free_port()), "-m", "efft.cli", "train", str(tmp_path / "r.yaml")])
+             "--main_process_port", str(free_port()), "-m", "efft.cli", "train", str(tmp_path / "r.yaml")])
     got, want = _losses(tmp_path / "accelerate"), _losses(runs / "ddp-sampled")
     assert len(got) == 4 and got == want
     _assert_same_weights(runs / "ddp-sampled" / "final", tmp_path / "accelerate" / "final")

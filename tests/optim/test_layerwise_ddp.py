@@ -3,36 +3,19 @@ APOLLO-Mini and FRUGAL layer-wise with gradient accumulation and clipping, throu
 through transformers.Trainer with the EfftPlugin, and GaLore on trainable int8 weights. Losses and
 final weights equal one process on the same global batch (fp32, atol 1e-5), the ranks are bitwise
 equal, and DDP's reducer holds none of the layer-wise gradients."""
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.launch import launch, torchrun
+
 from . import layerwise_ddp_worker as w
 from .helpers import model
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("lwddp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "tests.optim.layerwise_ddp_worker", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch(torchrun("-m", "tests.optim.layerwise_ddp_worker", str(out)))
     return out
 
 
