@@ -1,25 +1,20 @@
 """Two CPU processes (gloo) under DistributedDataParallel, each with half the global batch, end
 with the same weights as one process on the whole batch: projections agree on every rank
 (seeded rSVD sketches, seeded Gaussian matrices, regenerated random bases)."""
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.launch import free_port
+
 from . import ddp_worker as w
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(180)
 def test_two_process_ddp_equals_single_process(tmp_path):
-    ctx = mp.start_processes(w.worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(w.worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
     deadline = time.time() + 150
     while not ctx.join(timeout=2):
         if time.time() > deadline:
