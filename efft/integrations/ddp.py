@@ -91,6 +91,13 @@ def require_one_process(who: str) -> None:
                            "build it after torch.distributed.init_process_group")
 
 
+def check_trainer_world(trainer_world: int, built_for: int, who: str) -> None:
+    """At train begin: the optimizer was built for the processes Trainer runs (else refuse)."""
+    if trainer_world != built_for:
+        raise ValueError(f"{who}: Trainer runs {trainer_world} process(es), the optimizer was built for {built_for}; "
+                         "build it after the process group exists (after TrainingArguments)")
+
+
 class BackwardAllReduce:
     """Averages gradients across ranks for an optimizer that consumes them inside backward.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from efft.integrations.ddp import check_trainer_world
+
 
 class OptimizerLogCallback(TrainerCallback):
     """Adds ``skipped_nonfinite`` (parameter updates skipped for inf/nan gradients) to the logs."""
@@ -28,9 +30,7 @@ class LayerwiseCallback(OptimizerLogCallback):
     backward), so the optimizer clips and this callback logs its ``grad_norm``."""
 
     def on_train_begin(self, args, state, control, **kw):
-        if args.world_size != self.optimizer.world_size:
-            raise ValueError(f"layerwise: Trainer runs {args.world_size} process(es), the optimizer was built for "
-                             f"{self.optimizer.world_size}; build it after the process group exists (after TrainingArguments)")
+        check_trainer_world(args.world_size, self.optimizer.world_size, "layerwise")
         n = self.optimizer.gradient_accumulation_steps
         if args.gradient_accumulation_steps != n:
             raise ValueError(

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from efft.integrations.ddp import hook_reduction, ignore_in_ddp, require_one_process, world_size
+from efft.integrations.ddp import check_trainer_world, hook_reduction, ignore_in_ddp, require_one_process, world_size
 
 from .stochastic import (dequantize_int8_blockwise, mix_seed, n_blocks, quantize_int8_blockwise,
                          requantize)
@@ -537,9 +537,7 @@ class Int8LayerwiseOptimizer(torch.optim.Optimizer):
 
         class _Check(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
-                if args.world_size != opt.world_size:
-                    raise ValueError(f"Int8LayerwiseOptimizer: Trainer runs {args.world_size} process(es), the optimizer "
-                                     f"was built for {opt.world_size}; build it after TrainingArguments")
+                check_trainer_world(args.world_size, opt.world_size, "Int8LayerwiseOptimizer")
                 if args.gradient_accumulation_steps != opt.accumulation:
                     raise ValueError(f"gradient_accumulation_steps: Trainer uses {args.gradient_accumulation_steps}, "
                                      f"Int8LayerwiseOptimizer was built for {opt.accumulation}; build it with the same value")
