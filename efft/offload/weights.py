@@ -312,20 +312,14 @@ class WeightStreamer:
     def _before_step(self, opt: torch.optim.Optimizer) -> None:
         """Updates of streamed layers still pending at ``step()`` (a short accumulation cycle), one
         resident layer at a time; a whole-model optimizer is refused before it touches anything."""
-        from efft.quant.trainable import _owner, int8_update, is_int8_carrier
+        from efft.quant.trainable import carriers_to_update, int8_update
 
-        acc = getattr(opt, "_acc", None)
-        acc = acc if isinstance(acc, dict) else {}
         pending: dict[int, list] = {}
-        for g in opt.param_groups:
-            for p in g["params"]:
-                if not is_int8_carrier(p) or (p.grad is None and p not in acc):
-                    continue
-                m = _owner(p)
-                i = self._index.get(id(m)) if m is not None else None
-                if i is None or i in self._installed:  # not ours, or updated inside backward right now
-                    continue
-                pending.setdefault(i, []).append(p)
+        for p, m in carriers_to_update(opt):
+            i = self._index.get(id(m)) if m is not None else None
+            if i is None or i in self._installed:  # not ours, or updated inside backward right now
+                continue
+            pending.setdefault(i, []).append(p)
         if not pending:
             return
         finish = getattr(opt, "finish_param", None)

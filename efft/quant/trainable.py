@@ -51,7 +51,7 @@ __all__ = [
     "Int8TrainableLinear", "Int8LayerwiseOptimizer", "prepare_int8_training", "int8_layers",
     "export_full_precision", "save_int8_checkpoint", "load_int8_checkpoint", "load_int8_pretrained", "int8_training_problems",
     "validate_int8_training", "is_int8_carrier", "int8_update", "full_precision_state_dict", "EMBEDDING_MODES",
-    "flush_deferred_writebacks",
+    "flush_deferred_writebacks", "carriers_to_update",
 ]
 
 EMBEDDING_MODES = ("frozen", "trainable", "host")
@@ -309,20 +309,25 @@ _hooks: list = []
 # will update (those with a gradient) and writes them back afterwards.
 
 
-def _pre_step(opt, args, kwargs):
-    todo = []
-    # efft's LayerwiseOptimizer.step() may apply gradients it accumulated in a projected space
-    # (GaLore, short accumulation cycle) for parameters whose .grad is already None.
+def carriers_to_update(opt: torch.optim.Optimizer):
+    """(carrier, its Int8TrainableLinear or None) for each int8 carrier ``opt.step()`` will update: those
+    with a gradient, and those efft's LayerwiseOptimizer accumulated in a projected space (GaLore,
+    short accumulation cycle) whose .grad is already None."""
     pending = getattr(opt, "_acc", None)
     pending = pending if isinstance(pending, dict) else {}
     for g in opt.param_groups:
         for p in g["params"]:
             if (p.grad is not None or p in pending) and is_int8_carrier(p):
-                layer = _owner(p)
-                # a streamed layer (efft.offload.weights) is updated by the streamer's own step hook
-                if layer is not None and not layer._materialized and not layer._host_buffers:
-                    layer.materialize()
-                    todo.append(layer)
+                yield p, _owner(p)
+
+
+def _pre_step(opt, args, kwargs):
+    todo = []
+    for _, layer in carriers_to_update(opt):
+        # a streamed layer (efft.offload.weights) is updated by the streamer's own step hook
+        if layer is not None and not layer._materialized and not layer._host_buffers:
+            layer.materialize()
+            todo.append(layer)
     if todo:
         opt.__dict__.setdefault("_efft_int8_pending", []).extend(todo)
 
