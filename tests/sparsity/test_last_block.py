@@ -15,7 +15,7 @@ import transformers
 from efft.memory.tracker import SavedTensorCounter
 from efft.sparsity.label_rows import with_label_rows
 from efft.sparsity.loss_tokens import apply_loss_tokens, decoder_layers, remove_loss_tokens
-from tests.sparsity.test_loss_tokens import _assert_grads_equal, _rel
+from tests.sparsity.test_loss_tokens import NO_DROPOUT, _assert_grads_equal, _rel
 from tests.tiny import tiny_batch, tiny_model
 
 TOL = 1e-5
@@ -30,7 +30,7 @@ def _model(family, impl):
                                         attn_logit_softcapping=20.0)
         torch.manual_seed(0)
         return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
-    kw = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "mistral": dict(sliding_window=5)}.get(family, {})
+    kw = {**NO_DROPOUT, "mistral": dict(sliding_window=5)}.get(family, {})
     model = tiny_model(family, **kw)
     model.config._attn_implementation = impl
     return model
