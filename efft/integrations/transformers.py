@@ -72,7 +72,12 @@ class EfftCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         # Trainer writes checkpoint-N in place; the marker (written by rename) says it is whole, and
-        # last_checkpoint() resumes only from checkpoints that have one.
+        # last_checkpoint() resumes only from checkpoints that have one. Every rank writes into it (its RNG
+        # state; under FSDP its optimizer shards, written by the callback before this one): wait for all.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
         if not args.should_save:
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
