@@ -117,6 +117,11 @@ SchedulerName = Literal[
 ]
 
 
+FSDP_FP16_RESUME = ("an FSDP run's checkpoints hold the model, optimizer, scheduler and RNG states but not the fp16 loss "
+                    "scaler's (transformers skips it for a model sharded outside it), so a resumed fp16 run would restart "
+                    "its loss scale; use bf16, or start anew")
+
+
 class FsdpConfig(Section):
     """``TrainingArguments.fsdp_config``'s names that efft's FSDP2 sharding uses."""
 
@@ -365,10 +370,8 @@ def _combination_problems(r: Recipe) -> list[tuple[str, str]]:
         p.append(("train.eval_steps", "evaluation needs held-out data: set data.eval_fraction (e.g. 0.05)"))
     if r.train.fsdp_config != FsdpConfig() and not r.train.fsdp:
         p.append(("train.fsdp_config", "FSDP settings given but train.fsdp is false: set train.fsdp: true, or drop fsdp_config"))
-    if r.train.fsdp and r.train.resume_from_checkpoint:
-        p.append(("train.resume_from_checkpoint", "checkpoints of an FSDP run hold the model only (transformers saves no "
-                                                  "optimizer state for a model sharded outside it), so a resumed run "
-                                                  "would restart its optimizer; resume under DDP, or start anew"))
+    if r.train.fsdp and r.train.fp16 and r.train.resume_from_checkpoint:
+        p.append(("train.resume_from_checkpoint", FSDP_FP16_RESUME))
     if r.data.eval_fraction > 0 and not r.train.eval_steps:
         p.append(("data.eval_fraction", "examples are held out but never evaluated: set train.eval_steps"))
     return p

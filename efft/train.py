@@ -94,6 +94,7 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
 
             raise RecipeError([("data.packing", problem)])
     plugin = EfftPlugin(recipe)
+    plugin.resume_from = resume  # under FSDP its callback loads the optimizer state from this checkpoint
     model = plugin.prepare_model(model)
     try:
         train_ds, eval_ds = load_dataset_from_config(recipe.data, tokenizer, seed=t.seed)

@@ -10,15 +10,25 @@ again, and averages the gradients of trainable parameters that FSDP does not hol
 Packed quantized weights are buffers, not parameters: FSDP2 leaves them whole on every rank (the
 quantized base is replicated, as under DDP) and shards the float parameters beside them (LoRA
 matrices, PEQA scales, biases).
+
+Checkpoints (:func:`fsdp_checkpoints`): transformers writes the gathered model (``save_only_model``: it
+saves no optimizer for a model it did not shard); efft adds the optimizer state, sharded per rank with
+``torch.distributed.checkpoint`` (each rank writes only its own shards, nothing is gathered, and DCP
+can reshard on load), the scheduler and each rank's RNG state, and loads them back on resume.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 PROJECTED = ("galore", "apollo", "apollo_mini", "frugal")
+# the optimizer's DCP folder in a checkpoint; Trainer tries to load any folder named like "optimizer*" or
+# "pytorch_model_fsdp*" itself, so this name must contain neither
+STATE_DIR = "efft_fsdp_state"
 ALONE = ("FSDP shards over several processes: launch with torchrun --nproc_per_node N (or accelerate launch); "
          "this process is alone")
 
@@ -81,6 +91,8 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Modu
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward)
     fully_shard(model, reshard_after_forward=reshard_after_forward)
+    # Trainer resumes by loading the checkpoint's whole tensors (model.load_state_dict, peft's load_adapter)
+    model.register_load_state_dict_pre_hook(_whole_to_shards)
     if callable(getattr(model, "generate", None)):  # a peft wrapper's generate bypasses the root's forward
         from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -91,6 +103,20 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Modu
         if hasattr(type(m), "is_distributed_loading_by_transformers"):
             m._is_distributed_loading_by_transformers = True
     return model
+
+
+def _whole_to_shards(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook of the sharded root: each whole tensor meant for a sharded (DTensor)
+    parameter or buffer becomes this rank's shard of it, so loading a gathered checkpoint works (FSDP2
+    alone refuses to copy a plain tensor into a DTensor). Every rank holds the whole tensor, so each
+    takes its own slice (``src_data_rank=None``: no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    targets = {f"{prefix}{n}": t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    for key, value in list(state_dict.items()):
+        t = targets.get(key)
+        if isinstance(t, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+            state_dict[key] = distribute_tensor(value.to(t.device), t.device_mesh, t.placements, src_data_rank=None)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -135,23 +161,108 @@ def _state_dict_of(module: nn.Module, prefix: str = "", out: dict | None = None)
     return out
 
 
-def gather_for_checkpoints():
-    """A Trainer callback that makes the parameters whole around each checkpoint save: transformers'
-    ``save_pretrained`` writes the tensors it is given, and DTensor shards cannot be written."""
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (what callbacks are given)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _rng_states() -> dict:
+    """This process's RNG states in the layout of Trainer's ``rng_state_{rank}.pth`` (Trainer reads them
+    back itself on resume, at the point of the data where it saved them)."""
+    import random
+
+    import numpy as np
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.random.get_rng_state_all()
+    return states
+
+
+def save_training_state(ckpt: Path, model: nn.Module, optimizer, lr_scheduler, args) -> None:
+    """What transformers leaves out of an FSDP checkpoint (every rank calls it; it returns when all are
+    done): the optimizer state, one DCP file of shards per rank; the scheduler (rank 0); each rank's RNG."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    dcp.save({"optimizer": get_optimizer_state_dict(model, _inner(optimizer))}, checkpoint_id=str(ckpt / STATE_DIR))
+    if args.should_save and lr_scheduler is not None:
+        torch.save(lr_scheduler.state_dict(), ckpt / "scheduler.pt")
+    torch.save(_rng_states(), ckpt / f"rng_state_{args.process_index}.pth")
+    dist.barrier()
+
+
+def load_training_state(ckpt: Path, model: nn.Module, optimizer, lr_scheduler) -> None:
+    """The inverse of :func:`save_training_state` for the sharded model and its optimizer (every rank).
+    The RNG files are Trainer's to read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    opt = _inner(optimizer)
+    # an empty optimizer is given its state first (torch steps it once with lr 0 and zero gradients), so
+    # that DCP has shards of the right shapes to read into
+    sd = {"optimizer": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=str(ckpt / STATE_DIR))
+    set_optimizer_state_dict(model, opt, sd["optimizer"])
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+
+
+def resumed_checkpoint(args, state, given: str | None) -> Path:
+    """The checkpoint a resumed Trainer started from: the one given to ``train()`` when efft knows it
+    (``EfftPlugin.last_checkpoint``, ``efft train``), else ``output_dir/checkpoint-<step>``; it must be
+    at the resumed step and hold the FSDP state."""
+    import json
+
+    step = state.global_step
+    for c in [Path(given)] if given else [Path(args.output_dir) / f"checkpoint-{step}"]:
+        ts = c / "trainer_state.json"
+        if ts.is_file() and json.loads(ts.read_text()).get("global_step") == step:
+            if not (c / STATE_DIR / ".metadata").is_file():
+                raise RuntimeError(f"resuming an FSDP run from {c}: it holds no optimizer state ({STATE_DIR}/); it was "
+                                   "written by a run whose checkpoints held the model only. Start anew, or resume "
+                                   "from a checkpoint written with this efft")
+            return c
+    raise RuntimeError(f"resuming an FSDP run at step {step}: cannot tell which checkpoint Trainer loaded (looked at "
+                       f"{given or Path(args.output_dir) / f'checkpoint-{step}'}); pass "
+                       "plugin.last_checkpoint(output_dir) to trainer.train(resume_from_checkpoint=...)")
+
+
+def fsdp_checkpoints(resume_from: Callable[[], str | None] = lambda: None):
+    """The Trainer callback that makes FSDP checkpoints resumable. Around each save the parameters are
+    whole (transformers' ``save_pretrained`` writes the tensors it is given; DTensor shards cannot be
+    written); then every rank writes its training state (:func:`save_training_state`), before the
+    completion marker, which is why it must come before :class:`EfftCallback` in Trainer's callbacks.
+    At train begin of a resumed run it loads the optimizer and scheduler state back (Trainer has
+    loaded the gathered model weights, through :func:`_whole_to_shards`).
+
+    ``resume_from()`` gives the checkpoint passed to ``trainer.train`` when efft knows it."""
     from transformers import TrainerCallback
 
-    class GatherForCheckpoints(TrainerCallback):
+    class FsdpCheckpoints(TrainerCallback):
         def __init__(self):
             self._ctx = None
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+            if state.global_step > 0:  # Trainer restored its state from a checkpoint
+                if args.fp16:
+                    from efft.config import FSDP_FP16_RESUME
+
+                    raise RuntimeError(f"resuming with fp16 under FSDP: {FSDP_FP16_RESUME}")
+                load_training_state(resumed_checkpoint(args, state, resume_from()), model, optimizer, lr_scheduler)
 
         def on_step_end(self, args, state, control, model=None, **kw):
             if control.should_save and model is not None and self._ctx is None:
                 self._ctx = full_parameters(model)
                 self._ctx.__enter__()
 
-        def on_save(self, args, state, control, **kw):
+        def on_save(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
             if self._ctx is not None:
                 ctx, self._ctx = self._ctx, None
-                ctx.__exit__(None, None, None)
+                ctx.__exit__(None, None, None)  # the optimizer's state dict maps the sharded parameters
+            save_training_state(Path(args.output_dir) / f"checkpoint-{state.global_step}", model, optimizer,
+                                lr_scheduler, args)
 
-    return GatherForCheckpoints()
+    return FsdpCheckpoints()

@@ -177,6 +177,7 @@ class EfftPlugin:
         check_recipe(self.recipe)
         self.callback: EfftCallback | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.resume_from: str | None = None  # the checkpoint handed to trainer.train (see last_checkpoint)
 
     def prepare_model(self, model):
         from efft.compose import prepare_model
@@ -225,11 +226,12 @@ class EfftPlugin:
         extra = list(getattr(optimizer, "trainer_callbacks", lambda: [])())
         if self.recipe.sparsity.loss_tokens.enabled:
             extra.append(LabelRowsCallback())
-        if self.recipe.train.fsdp:
-            from efft.integrations.fsdp import gather_for_checkpoints
+        first = []
+        if self.recipe.train.fsdp:  # its checkpoint files are written before EfftCallback marks the checkpoint whole
+            from efft.integrations.fsdp import fsdp_checkpoints
 
-            extra.append(gather_for_checkpoints())
-        return {"optimizers": (optimizer, None), "callbacks": [self.callback, *extra]}
+            first.append(fsdp_checkpoints(lambda: self.resume_from))
+        return {"optimizers": (optimizer, None), "callbacks": [*first, self.callback, *extra]}
 
     def _shard(self, model, args: TrainingArguments) -> None:
         """FSDP2 over the launch's ranks, before the optimizer is built on the sharded parameters."""
@@ -241,9 +243,11 @@ class EfftPlugin:
         if not is_sharded(model):
             shard_model(model, reshard_after_forward=self.recipe.train.fsdp_config.reshard_after_forward)
 
-    @staticmethod
-    def last_checkpoint(output_dir) -> str | None:
-        return last_checkpoint(output_dir)
+    def last_checkpoint(self, output_dir) -> str | None:
+        """The newest complete checkpoint under ``output_dir`` (None: none), to pass to ``trainer.train``.
+        Remembered: under FSDP the plugin's callback loads the optimizer state from the same one."""
+        self.resume_from = last_checkpoint(output_dir)
+        return self.resume_from
 
 
 def check_training_arguments(recipe, args: TrainingArguments) -> None:
@@ -273,8 +277,9 @@ def check_training_arguments(recipe, args: TrainingArguments) -> None:
         if not recipe.train.fsdp:
             problems += fsdp_problems(recipe)
     if recipe.train.fsdp and str(getattr(args.save_strategy, "value", args.save_strategy)) != "no" and not args.save_only_model:
-        problems.append(("TrainingArguments.save_only_model", "train.fsdp: transformers writes no optimizer state for a "
-                                                              "model sharded outside it; set save_only_model=True "
+        problems.append(("TrainingArguments.save_only_model", "train.fsdp: transformers refuses to write optimizer state "
+                                                              "for a model sharded outside it (efft writes it, sharded, "
+                                                              "beside the model); set save_only_model=True "
                                                               "(or save_strategy='no')"))
     if recipe.train.fsdp and args.deepspeed:
         problems.append(("train.fsdp", "FSDP and TrainingArguments.deepspeed both shard the model: choose one"))
@@ -334,7 +339,8 @@ def training_arguments(recipe, **overrides) -> TrainingArguments:
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         disable_tqdm=False,
-        # transformers keeps no optimizer state for a model sharded outside it (efft's FSDP): model-only checkpoints
+        # efft's FSDP: transformers writes the model only (it refuses optimizer state for a model sharded outside
+        # it); efft.integrations.fsdp.fsdp_checkpoints writes the rest
         save_only_model=t.fsdp,
     )
     kw.update(overrides)

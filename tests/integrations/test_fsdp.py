@@ -1,6 +1,8 @@
 """FSDP2 (``train.fsdp: true``: efft applies ``fully_shard`` per decoder layer) on 2 CPU processes over
 gloo equals one process on the same global batch: losses and the saved final weights (full model,
-peft adapter, PEQA's 4-bit layout) and the last checkpoint. One torchrun launch trains every case, since process start-up
+peft adapter, PEQA's 4-bit layout) and the last checkpoint. A run resumed from its step-2 checkpoint
+equals the uninterrupted 2-process run bit for bit (same processes, same shards, same order of
+operations: nothing may differ). One torchrun launch trains every case, since process start-up
 dominates. Sampled linears draw their rows per rank, so their reference is DDP on the same per-rank
 batches. The combinations FSDP2 cannot carry are refused, all listed, before anything loads.
 
@@ -29,18 +31,22 @@ NF4 = {"type": "nf4", "compute_dtype": "float32", "blocksize": 32}
 GENERATE = {"prompts": ["Add 1 and 2.", "Add 3 and 4."], "max_new_tokens": 4}  # after training, on every rank
 # case -> (sections, the single-process case it must equal, trainable tensors: 2 layers x 7 linears
 # (+ 2 norms each) + embeddings, final norm, lm_head for full fine-tuning; 2 per LoRA linear; 1 per PEQA linear)
+SAVE_2 = {"save_steps": 2}  # a checkpoint at step 2 (and 4) to resume from
 CASES = {
-    "full": ({"generate": GENERATE}, "full", 21),
-    "lora_sparsity": ({"adapter": {"type": "lora", "r": 4, "lora_alpha": 8},
+    "full": ({"generate": GENERATE, "train": SAVE_2}, "full", 21),
+    "lora_sparsity": ({"adapter": {"type": "lora", "r": 4, "lora_alpha": 8}, "train": SAVE_2,
                        "sparsity": {"loss_tokens": {"enabled": True, "chunk_size": 16},
                                     "token_elimination": {"enabled": True, "keep_ratio": 0.5, "start_layer": 1}}},
                       "lora_sparsity", 28),
     "qlora": ({"quant": NF4, "adapter": {"type": "lora", "r": 4, "lora_alpha": 8}, "generate": GENERATE,
-               "train": {"gradient_checkpointing": True}}, "qlora", 28),
-    "peqa": ({"quant": NF4, "adapter": {"type": "peqa"}}, "peqa", 14),
+               "train": {"gradient_checkpointing": True, **SAVE_2}}, "qlora", 28),
+    "peqa": ({"quant": NF4, "adapter": {"type": "peqa"}, "train": SAVE_2}, "peqa", 14),
     # equals plain torch AdamW in one process
-    "offload_optimizer": ({"offload": {"optimizer": True}, "generate": GENERATE}, "full", 21),
+    "offload_optimizer": ({"offload": {"optimizer": True}, "generate": GENERATE, "train": SAVE_2}, "full", 21),
 }
+# resumed from checkpoint-2 of the uninterrupted FSDP run: with train.resume_from_checkpoint=true in an output_dir
+# holding a copy of it, or (lora_sparsity) with the checkpoint's path
+RESUMED = ("full", "lora_sparsity", "qlora", "peqa", "offload_optimizer")
 SAMPLED = {"sparsity": {"sampled_linear": {"enabled": True, "keep": 0.5}}}
 
 
@@ -65,6 +71,16 @@ def runs(data_path, tmp_path_factory):  # noqa: F811
         train(config.validate(_recipe_for(data_path, root / f"single-{ref}", 4, CASES[ref][0])))
     recipes = {f"fsdp-{name}": _fsdp(_recipe_for(data_path, root / f"fsdp-{name}", 2, sections))
                for name, (sections, _, _) in CASES.items()}
+    for name in RESUMED:
+        recipe = json.loads(json.dumps(recipes[f"fsdp-{name}"]))
+        out = root / f"fsdp-{name}-resumed"
+        recipe["train"]["output_dir"] = str(out)
+        if name == "lora_sparsity":
+            recipe["train"]["resume_from_checkpoint"] = str(root / f"fsdp-{name}" / "checkpoint-2")
+        else:
+            recipes[f"copy-{name}"] = {"copy": [str(root / f"fsdp-{name}" / "checkpoint-2"), str(out / "checkpoint-2")]}
+            recipe["train"]["resume_from_checkpoint"] = True
+        recipes[f"fsdp-{name}-resumed"] = recipe
     recipes["fsdp-sampled"] = _fsdp(recipe_dict(data_path, root / "fsdp-sampled", 2, SAMPLED))
     recipes["ddp-sampled"] = recipe_dict(data_path, root / "ddp-sampled", 2, SAMPLED)
     (root / "launch.json").write_text(json.dumps(recipes))
@@ -76,7 +92,7 @@ def _losses(run: Path) -> list[float]:
     return [l for _, l in json.loads((run / "card.json").read_text())["loss_curve"]]
 
 
-def _assert_same_weights(want_dir: Path, got_dir: Path) -> None:
+def _assert_same_weights(want_dir: Path, got_dir: Path, atol: float = 1e-5) -> None:
     files = sorted(p.name for p in want_dir.glob("*.safetensors"))
     assert files and files == sorted(p.name for p in got_dir.glob("*.safetensors"))
     for name in files:
@@ -89,11 +105,11 @@ def _assert_same_weights(want_dir: Path, got_dir: Path) -> None:
                 assert b.keys() == a.keys(), k
                 for field in a:
                     if isinstance(a[field], float):  # nested_offset: the mean of trained absmax values
-                        assert b[field] == pytest.approx(a[field], rel=1e-5), (k, field)
+                        assert b[field] == pytest.approx(a[field], rel=1e-5 if atol else 0, abs=0), (k, field)
                     else:
                         assert b[field] == a[field], (k, field)
             elif a.is_floating_point():
-                torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=k)
+                torch.testing.assert_close(b, a, atol=atol, rtol=0, msg=k)
             else:  # packed codes, int8 absmax codes: bit for bit
                 assert torch.equal(a, b), k
 
@@ -117,6 +133,26 @@ def test_fsdp_two_processes_equal_one_process(case, runs):
     assert two["buffers_bytes"] == one["buffers_bytes"]
     step_bytes = 4 * CASES[case][2]  # AdamW's step count, one fp32 scalar per parameter, is not sharded
     assert (two["optimizer_state_bytes"] - step_bytes) * 2 == one["optimizer_state_bytes"] - step_bytes
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", RESUMED)
+def test_fsdp_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(case, runs):
+    whole, resumed = runs / f"fsdp-{case}", runs / f"fsdp-{case}-resumed"
+    card = _card(resumed)
+    assert Path(card["resumed_from"]) == (whole if case == "lora_sparsity" else resumed) / "checkpoint-2"
+    assert card["steps_this_run"] == 2 and card["global_step"] == 4
+    # the steps after the checkpoint and the results, bit for bit: optimizer moments and step counts, the
+    # scheduler's position, the data order and the weights all came back
+    after = [(s, l) for s, l in _card(whole)["loss_curve"] if s > 2]
+    assert len(after) == 2 and [(s, l) for s, l in card["loss_curve"] if s > 2] == after
+    _assert_same_weights(whole / "final", resumed / "final", atol=0)
+    _assert_same_weights(whole / "checkpoint-4", resumed / "checkpoint-4", atol=0)
+    # what the resumed run wrote is itself resumable: each rank's optimizer shards and RNG state, then the marker
+    ckpt = resumed / "checkpoint-4"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in (ckpt / "efft_fsdp_state").iterdir()}
+    assert all((ckpt / f).is_file() for f in ("scheduler.pt", "rng_state_0.pth", "rng_state_1.pth",
+                                              "efft_complete.json"))
 
 
 def _card(run: Path) -> dict:
@@ -186,11 +222,45 @@ def test_fsdp_settings_are_validated():
     with pytest.raises(RecipeError) as e:
         config.validate(_recipe(train={"fsdp": False, "fsdp_config": {"reshard_after_forward": False}}))
     assert [p for p, _ in e.value.problems] == ["train.fsdp_config"]
-    with pytest.raises(RecipeError) as e:
-        config.validate(_recipe(train={"fsdp": True, "resume_from_checkpoint": True}))
+    config.validate(_recipe(train={"fsdp": True, "resume_from_checkpoint": True}))  # resumable (see the resume test)
+    with pytest.raises(RecipeError) as e:  # but not the fp16 loss scaler's state
+        config.validate(_recipe(train={"fsdp": True, "fp16": True, "resume_from_checkpoint": True}))
     assert [p for p, _ in e.value.problems] == ["train.resume_from_checkpoint"]
+    assert "loss scale" in e.value.problems[0][1]
     r = config.validate(_recipe(train={"fsdp": True, "fsdp_config": {"reshard_after_forward": False}}))
     assert r.train.fsdp and r.train.fsdp_config.reshard_after_forward is False
+
+
+def test_resumed_fsdp_run_finds_its_checkpoint_or_says_why_not(tmp_path):
+    """The FSDP callback reads the optimizer state from the checkpoint handed to trainer.train: the one
+    EfftPlugin.last_checkpoint returned (remembered), else output_dir/checkpoint-<resumed step>."""
+    from types import SimpleNamespace
+
+    from efft.integrations.fsdp import STATE_DIR, resumed_checkpoint
+    from efft.integrations.transformers import COMPLETE_MARKER
+
+    def checkpoint(path: Path, step: int, state: bool = True) -> Path:
+        (path / STATE_DIR).mkdir(parents=True)
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (path / COMPLETE_MARKER).write_text("{}")
+        if state:
+            (path / STATE_DIR / ".metadata").write_bytes(b"")
+        return path
+
+    args, at_2 = SimpleNamespace(output_dir=str(tmp_path / "out")), SimpleNamespace(global_step=2)
+    elsewhere = checkpoint(tmp_path / "old" / "checkpoint-2", 2)
+    assert resumed_checkpoint(args, at_2, str(elsewhere)) == elsewhere
+    with pytest.raises(RuntimeError, match="plugin.last_checkpoint"):  # not told, and not in output_dir
+        resumed_checkpoint(args, at_2, None)
+    plugin = EfftPlugin({"train": {"fsdp": True}})
+    assert plugin.last_checkpoint(tmp_path / "old") == str(elsewhere) == plugin.resume_from
+    in_out = checkpoint(tmp_path / "out" / "checkpoint-2", 2)
+    assert resumed_checkpoint(args, at_2, None) == in_out
+    with pytest.raises(RuntimeError, match="plugin.last_checkpoint"):  # given, but of another step
+        resumed_checkpoint(args, SimpleNamespace(global_step=4), str(elsewhere))
+    model_only = checkpoint(tmp_path / "older" / "checkpoint-2", 2, state=False)
+    with pytest.raises(RuntimeError, match="holds no optimizer state"):
+        resumed_checkpoint(args, at_2, str(model_only))
 
 
 def test_trainingarguments_fsdp_is_refused_with_the_recipe_problems(tmp_path):
