@@ -139,6 +139,16 @@ class HostBufferPool:
                 self._free.setdefault(nbytes, []).append((buf, event))
                 self.cached_bytes += nbytes
 
+    def free(self, buf: torch.Tensor) -> None:
+        """Give back for good a buffer from ``acquire`` (a long-lived one whose owner is closed): it leaves
+        the pool's accounting and bound instead of waiting in a free list."""
+        nbytes = buf.numel()
+        with self._lock:
+            self.in_use_bytes -= nbytes
+            if buf.data_ptr() in self._pooled:
+                self._pooled.discard(buf.data_ptr())
+                self.pinned_bytes -= nbytes
+
     def alloc_persistent(self, like: torch.Tensor, what: str = "parameter") -> tuple[torch.Tensor, bool]:
         """A contiguous host tensor shaped like ``like`` and whether it counts against the bound. Its
         owner counts its bytes (``register_host_bytes_provider``) and calls ``forget_pinned`` on drop."""
