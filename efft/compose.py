@@ -163,11 +163,15 @@ def close_optimizer(optimizer) -> None:
 
 
 def release_model(model: nn.Module) -> None:
-    """Remove the activation-offload hooks prepare_model installed, if any."""
+    """Remove the activation-offload hooks prepare_model installed, if any, and give back the host
+    gradient buffers of host-resident embeddings (quant.embeddings: host)."""
     handle = getattr(model, "_efft_activation_offload", None)
     if handle is not None:
         handle.remove()
         del model._efft_activation_offload
+    residency = getattr(model, "_efft_host_residency", None)
+    if residency is not None:
+        residency.release_grads()
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -166,8 +166,14 @@ class HostParamsOptimizer(Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The host gradients stay in their pooled buffers either way: ``set_to_none=False`` zeroes the
+        rows written since the last zeroing (efft.offload.host_embeddings.zero_host_grad)."""
+        from .host_embeddings import zero_host_grad
+
         self.main.zero_grad(set_to_none=set_to_none)
-        self.host.zero_grad(set_to_none=set_to_none)
+        for g in self.host.param_groups:
+            for p in g["params"]:
+                zero_host_grad(p, set_to_none)
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -223,8 +229,14 @@ class HostParamsOptimizer(Optimizer):
                 fn()
 
     def close(self) -> None:
+        """Remove the hooks, stop the workers and give the host gradient buffers back."""
         self.remove_hooks()
         self.host.close()
+        for g in self.host.param_groups:
+            for p in g["params"]:
+                acc = getattr(p, "_efft_host_grad", None)
+                if acc is not None:
+                    acc.release()
 
     @property
     def skipped_nonfinite(self) -> int:

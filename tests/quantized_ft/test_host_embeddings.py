@@ -361,3 +361,161 @@ def test_bad_combinations_are_refused_before_loading(data_path, tmp_path, monkey
         assert needle in msg, needle
     with pytest.raises(RecipeError, match="built for trainable int8 weights"):
         _recipe(data_path, tmp_path, quant={"type": "nf4", "embeddings": "host"}, adapter={"type": "lora"})
+
+
+# ------------------------------------------------------------------- (g) the host gradient buffers
+def _host_and_dense(tied, loss_tokens=False):
+    """A float32 model with host embedding/head (head in 3 chunks) and the same model left plain."""
+    from efft.sparsity.loss_tokens import apply_loss_tokens
+
+    dense = tiny_model("llama", seed=0, tie_word_embeddings=tied)
+    host = tiny_model("llama", seed=0, tie_word_embeddings=tied)
+    make_host_resident(host, chunk_rows=100)
+    if loss_tokens:  # the head is then called once per row chunk: several contributions a pass
+        apply_loss_tokens(host, chunk_size=8)
+    return host, dense
+
+
+@pytest.mark.parametrize("tied,loss_tokens", [(False, False), (True, False), (False, True)])
+def test_accumulated_micro_batches_equal_one_big_batch(tied, loss_tokens):
+    """Three micro-batches (loss / 3) accumulated in the host buffers give the gradient of one batch
+    of all their rows, computed by plain autograd through nn.Embedding / nn.Linear; a second step
+    after zero_grad (set_to_none=False, then True) starts from zero, in particular on the embedding
+    rows only the first step touched."""
+    host, dense = _host_and_dense(tied, loss_tokens)
+    hp, dp = host_resident_parameters(host), [dense.model.embed_tokens.weight] + ([] if tied else [dense.lm_head.weight])
+    rest = [p for p in host.parameters() if all(p is not q for q in hp)]
+    opt = host_params_optimizer(torch.optim.SGD(rest, lr=0.0), hp, lr=0.0, gradient_accumulation_steps=3)  # weights stay
+    for step, set_to_none in enumerate((False, True)):
+        micro = [tiny_batch(VOCAB, seed=10 * step + i) for i in range(3)]
+        for b in micro:
+            (host(**b).loss / 3).backward()
+        big = {k: torch.cat([b[k] for b in micro]) for k in micro[0]}
+        dense.zero_grad()
+        dense(**big).loss.backward()
+        for p, q in zip(hp, dp):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+        if not set_to_none:
+            assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in hp)
+    opt.close()
+
+
+def test_gradient_buffers_come_from_the_pool_once_and_are_reused():
+    """After the first step, no host memory is allocated for gradients any more: each host weight's
+    .grad is the same pooled buffer (the pool's own allocation, not a fresh tensor) in every step and
+    micro-batch, with zero_grad(set_to_none=True) between steps; the pool counts the buffers (weight
+    gradient + accumulation-pass buffer, for embedding and head) and close() gives them back."""
+    from efft.memory.tracker import report
+    from efft.offload import host_bytes_in_use
+
+    model = _model("host", tied=False, chunk=100)
+    pool = model.lm_head.residency.pool
+    handed_out = []
+    new = pool._new
+    pool._new = lambda nbytes, what: handed_out.append(new(nbytes, what)) or handed_out[-1]
+    opt = _optimizer(model, "global", 2)
+    hp = host_resident_parameters(model)
+    data = [tiny_batch(VOCAB, seed=i) for i in range(8)]
+    grads, allocations = None, None
+    for step in range(4):
+        for b in data[2 * step:2 * step + 2]:
+            (model(**b).loss / 2).backward()
+            if grads is None:
+                grads = [p.grad for p in hp]
+                pooled = {buf.data_ptr() for buf, _ in handed_out}
+                assert all(g.untyped_storage().data_ptr() in pooled for g in grads)
+            assert all(p.grad is g for p, g in zip(hp, grads))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in hp)
+        if step == 0:
+            allocations = pool.allocations
+            wb = VOCAB * 64 * 4
+            assert pool.in_use_bytes == 2 * 2 * wb  # per weight: .grad and the accumulation-pass buffer
+            assert host_bytes_in_use() >= 2 * wb + pool.in_use_bytes
+            assert report(model, opt, host_bytes=host_bytes_in_use)["host_offload_bytes"] == host_bytes_in_use()
+    assert pool.allocations == allocations
+    before, pinned = host_bytes_in_use(), pool.pinned_bytes
+    opt.close()
+    assert all(p.grad is None for p in hp) and pool.in_use_bytes == 0
+    assert host_bytes_in_use() == before - 4 * VOCAB * 64 * 4 and pool.pinned_bytes == pinned - 4 * VOCAB * 64 * 4
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_zero_grad_set_to_none_or_not_trains_the_same(tied):
+    """zero_grad(set_to_none=False) keeps .grad in its buffer and zeroes only the rows written since
+    (the embedding's, when untied); the training result is bitwise the one with set_to_none=True and
+    the one of embeddings="trainable" (nn.Embedding, dense zero_grad), 3 steps of 2 micro-batches."""
+    results = []
+    for mode, set_to_none in (("trainable", False), ("host", True), ("host", False)):
+        m = _model(mode, tied)
+        opt = _optimizer(m, "global", 2)
+        data = [tiny_batch(VOCAB, seed=i) for i in range(6)]
+        for i in range(0, 6, 2):
+            for b in data[i:i + 2]:
+                (m(**b).loss / 2).backward()
+            if mode == "trainable":
+                torch.nn.utils.clip_grad_norm_(list(m.parameters()), CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+        results.append(m.state_dict())
+        if mode == "host" and not set_to_none:
+            acc = m.model.embed_tokens.weight._efft_host_grad
+            assert m.model.embed_tokens.weight.grad is acc.main.t and acc.clean
+        getattr(opt, "close", lambda: None)()
+    for other in results[1:]:
+        for k in results[0]:
+            assert torch.equal(results[0][k], other[k]), k
+
+
+def test_gradient_buffers_within_a_small_pinned_budget_fall_back_and_train_the_same():
+    """A pinned budget that holds the weights and no more: the gradient buffers are plain pageable
+    memory outside the pool's bound (pinned_bytes stays within it), and training is unchanged."""
+    a, _ = _run("host", False)
+    m = tiny_model("llama", seed=0, tie_word_embeddings=False)
+    wb = VOCAB * 64 * 4
+    q = QuantConfig(type="int8", trainable=True, compute_dtype="float32", head_chunk_rows=VOCAB)
+    budget = type("Off", (), {"pin_memory": True, "max_pinned_bytes": 2 * wb})()
+    b = prepare_int8_training(m, q, embeddings="host", host_cfg=budget)
+    pool = b.lm_head.residency.pool
+    assert pool.max_pinned_bytes == 2 * wb
+    data = [tiny_batch(VOCAB, seed=i) for i in range(6)]
+    opt = _optimizer(b, "global", 2)
+    opt.load_state_dict(opt.state_dict())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    _train(b, opt, "global", data, 2, True, sched)
+    assert pool.pinned_bytes <= 2 * wb and pool.in_use_bytes >= 2 * wb
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_failed_backward_leaves_the_gradient_as_autograd_does(tied):
+    """A backward that fails after the LM head wrote its part (a hook on the embedding's output
+    raises), then the same micro-batch again: .grad equals plain autograd's going through the same
+    (untied: the head's gradient was accumulated before the failure, the embedding's was not)."""
+    host, dense = _host_and_dense(tied)
+    hp, dp = host_resident_parameters(host), [dense.model.embed_tokens.weight] + ([] if tied else [dense.lm_head.weight])
+    fail = []
+
+    def boom(grad):
+        if fail:
+            fail.pop()
+            raise RuntimeError("boom")
+
+    for m in (host, dense):
+        m.model.embed_tokens.register_forward_hook(lambda mod, inp, out: out.register_hook(boom) and None)
+    first, second = tiny_batch(VOCAB, seed=1), tiny_batch(VOCAB, seed=2)
+    for b, fails in ((first, False), (second, True), (second, False)):
+        for m in (host, dense):
+            if fails:
+                fail.append(1)
+                with pytest.raises(RuntimeError, match="boom"):
+                    m(**b).loss.backward()
+            else:
+                m(**b).loss.backward()
+        for p, q in zip(hp, dp):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
