@@ -116,6 +116,7 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
         trainer_hook(trainer)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
+        memory = plugin.callback.memory_report()  # before closing gives host buffers back
     finally:  # hooks and worker threads must not outlive the run (a notebook keeps the model)
         from efft.compose import close_optimizer, release_model
 
@@ -130,7 +131,6 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     asked = recipe.generate.prompts if recipe.train.fsdp else prompts
     after = generate_answers(trainer.model, tokenizer, asked, recipe.generate.max_new_tokens) if asked else []
     cb = plugin.callback
-    memory = cb.memory_report()
     curve = cards.loss_curve(trainer.state.log_history)
     n_train, n_total = trainable_parameters(trainer.model)
     card = {
