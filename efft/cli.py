@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("recipe")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--gpu-memory", default=None, help="memory to fit in, e.g. 24GB, 80GiB (default: the recipe's target_gpu_memory)")
+    e.add_argument("--nproc-per-node", "--nproc_per_node", "--nproc", dest="nproc_per_node", type=int, default=1,
+                   metavar="N", help="processes the run is launched with (torchrun --nproc_per_node N): plan one rank "
+                                     "of DDP, or of FSDP2 with train.fsdp (default 1)")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     ls = sub.add_parser("ls", help="list the recipes shipped in recipes/", description="List the shipped recipes with their descriptions.")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             limit = args.gpu_memory or recipe.target_gpu_memory
             gpu = est.parse_size(limit) if limit else None
-            result = est.estimate(recipe, gpu_memory=gpu)
+            result = est.estimate(recipe, gpu_memory=gpu, nproc_per_node=args.nproc_per_node)
         except ValueError as err:
             return _bad(err)
         print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())

@@ -26,6 +26,14 @@ Gradients and activations do not peak together (backward frees activations as it
 gradients), so ``total = static + max(activations + workspace + head gradient, gradients + step
 workspace)`` with static = weights + adapters + optimizer state on the device.
 
+Several processes (``nproc_per_node``, torchrun's ``--nproc_per_node``): under DDP a rank holds one
+process's bytes plus DDP's gradient buckets (``communication``: Trainer wraps with
+``gradient_as_bucket_view=False``, so they are a second copy of the gradients DDP reduces); with
+``train.fsdp`` every parameter is sharded on dim 0 as FSDP2 does it (storage and gradients padded to
+ceil(rows / N) rows, AdamW state the unpadded shard; rank 0, which holds the most, is shown), buffers
+such as packed quantized bases stay whole, and ``communication`` is the full parameters FSDP2 gathers
+(the root's and two decoder layers'), alive during forward and backward.
+
 On CPU the weights / gradients / optimizer-state bytes equal the measured tensors exactly and the
 activation bytes are within 10% of what saved-tensor hooks count (tests/memory). GPU peaks
 (``torch.cuda.max_memory_allocated``) have not been checked yet: CUDA kernels (flash attention,
@@ -195,6 +203,23 @@ def int8_blockwise_bytes(out_features: int, in_features: int, blocksize: int = 6
     return n + 4 * -(-n // blocksize) + 16 + 4
 
 
+# ---------------------------------------------------------------------------------- FSDP2 shards
+def fsdp_shard_rows(rows: int, nproc: int, rank: int) -> int:
+    """Rows of ``rank``'s dim-0 FSDP2 shard: ``torch.chunk`` gives ceil(rows / nproc) rows to each
+    rank in turn, so the last ranks get fewer, or none."""
+    c = -(-rows // nproc)
+    return max(0, min(c, rows - rank * c))
+
+
+def fsdp_shard_numel(shape, nproc: int, rank: Optional[int] = None) -> int:
+    """Elements of one parameter's FSDP2 shard on ``rank`` (the optimizer state is shaped like it),
+    or padded (``rank=None``): every rank stores its shard, and receives its gradient, padded to
+    rank 0's ceil(rows / nproc) rows."""
+    shape = tuple(shape) or (1,)
+    rows = -(-shape[0] // nproc) if rank is None else fsdp_shard_rows(shape[0], nproc, rank)
+    return rows * math.prod(shape[1:])
+
+
 # ------------------------------------------------------------------------------- module matching
 def _name_matches(name: str, targets) -> bool:
     """peft's rule: the module name equals a target or ends with ``.target``."""
@@ -231,22 +256,26 @@ class Estimate:
     suggestion: Optional[str] = None
     suggestion_changes: list[str] = field(default_factory=list)
     suggestion_total: Optional[int] = None
+    communication: int = 0
+    nproc_per_node: int = 1
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    CATEGORIES = ("weights", "adapters", "gradients", "optimizer_state", "activations", "workspace")
+    CATEGORIES = ("weights", "adapters", "gradients", "optimizer_state", "activations", "workspace", "communication")
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.CATEGORIES}
-        d.update(total=self.total, host=self.host, gpu_memory=self.gpu_memory, fits=self.fits, verdict=self.verdict,
+        d.update(nproc_per_node=self.nproc_per_node, total=self.total, host=self.host, gpu_memory=self.gpu_memory,
+                 fits=self.fits, verdict=self.verdict,
                  suggestion=self.suggestion, suggestion_changes=list(self.suggestion_changes),
                  suggestion_total=self.suggestion_total, details=self.details, notes=list(self.notes))
         return d
 
     def format_table(self) -> str:
         labels = {"weights": "weights", "adapters": "adapters", "gradients": "gradients",
-                  "optimizer_state": "optimizer state", "activations": "activations", "workspace": "workspace"}
-        rows = [(labels[k], getattr(self, k)) for k in self.CATEGORIES]
+                  "optimizer_state": "optimizer state", "activations": "activations", "workspace": "workspace",
+                  "communication": "DDP buckets" if not self.details.get("fsdp") else "FSDP gathered params"}
+        rows = [(labels[k], getattr(self, k)) for k in self.CATEGORIES if k != "communication" or self.communication]
         rows.append(("peak (predicted)", self.total))
         if self.host:
             rows.append(("host memory (offload)", self.host))
@@ -583,18 +612,29 @@ def _recipe_from(recipe: Any):
     raise ValueError(f"estimate() takes a Recipe, a recipe dict or a YAML path, got {type(recipe).__name__}")
 
 
-def estimate(recipe: Any, gpu_memory: Any = None, *, label_fraction: float = 1.0, suggest: bool = True,
-             config=None) -> Estimate:
+def estimate(recipe: Any, gpu_memory: Any = None, *, nproc_per_node: int = 1, label_fraction: float = 1.0,
+             suggest: bool = True, config=None) -> Estimate:
     """Predict the training peak of ``recipe`` (a Recipe, a dict or a YAML path) by category.
 
     ``gpu_memory`` (bytes or "24GB") turns on the verdict and, when it does not fit, the search
     for the cheapest change that fits. ``label_fraction``: share of positions with a label (only
     loss-token skipping uses it; 1.0 is the conservative default). ``config``: a transformers
-    config to use instead of resolving ``recipe.model`` (tests)."""
+    config to use instead of resolving ``recipe.model`` (tests). ``nproc_per_node``: the processes the
+    run is launched with (torchrun's ``--nproc_per_node``); the bytes are per rank: one process's plus
+    DDP's gradient buckets, or with ``train.fsdp`` the shards of rank 0 (it holds the most) plus the
+    parameters FSDP2 gathers."""
+    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be a positive integer, got {nproc_per_node!r}")
     r = _recipe_from(recipe)
+    if r.train.fsdp:
+        from efft.integrations.fsdp import fsdp_problems
+
+        refused = fsdp_problems(r)
+        if refused:  # what training would refuse has no plan
+            raise ValueError("train.fsdp: " + "; ".join(f"{k}: {why}" for k, why in refused))
     gpu = parse_size(gpu_memory) if gpu_memory is not None else None
     cfg = config if config is not None else resolve_config(r.model)
-    est = _estimate(r, cfg, label_fraction)
+    est = _estimate(r, cfg, label_fraction, nproc=nproc_per_node)
     est.gpu_memory = gpu
     if gpu is None:
         est.fits = None
@@ -607,7 +647,7 @@ def estimate(recipe: Any, gpu_memory: Any = None, *, label_fraction: float = 1.0
     est.verdict = (f"does not fit: predicted peak {format_bytes(est.total)} > {format_bytes(gpu)} "
                    f"(over by {format_bytes(est.total - gpu)})")
     if suggest:
-        found = _suggest(r, cfg, gpu, label_fraction)
+        found = _suggest(r, cfg, gpu, label_fraction, nproc_per_node)
         if found is None:
             est.suggestion = ("no single change or combination of the usual ones (checkpointing, loss-token skipping, "
                               "smaller batch, 8-bit / low-rank / layer-wise optimizer, offload, NF4 + LoRA, shorter "
@@ -629,7 +669,7 @@ def _dtype_bytes(r) -> tuple[torch.dtype, int, Optional[int]]:
     return dt, _NBYTES[dt], autocast
 
 
-def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Estimate:
+def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc: int = 1) -> Estimate:
     if cfg.model_type not in SUPPORTED_ACTIVATION_FAMILIES:
         raise ValueError(f"no activation model for model_type {cfg.model_type!r}; supported: "
                          f"{', '.join(SUPPORTED_ACTIVATION_FAMILIES)}")
@@ -675,6 +715,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     buffers = 0
     trainable: list[tuple[str, tuple, int]] = []  # (name, shape, bytes per element of its gradient)
     frozen_bytes = 0
+    kept_params: list[tuple[str, tuple, int]] = []  # parameters that stay parameters (FSDP2 shards these)
     seen = set()
     for pname, p in model.named_parameters():
         if id(p) in seen:
@@ -697,6 +738,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
             else:
                 weights += int8_rowwise_bytes(out_f, in_f)
             continue
+        kept_params.append((pname, shape, eb))
         nbytes = p.numel() * eb
         if owner is not None and owner[0] in quantized and pname.endswith("bias"):
             if int8_train:
@@ -771,9 +813,18 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     train_params = trainable + adapter_params
     if not train_params:
         raise ValueError("this recipe trains no parameter (check adapter.target_modules / quant)")
+    fsdp = t.fsdp
+    if fsdp and nproc < 2:
+        raise ValueError("train.fsdp: FSDP2 shards over several processes; give the number the run is launched with "
+                         "(efft estimate --nproc-per-node N, estimate(..., nproc_per_node=N))")
+    if fsdp:
+        # efft.integrations.fsdp: every parameter is sharded on dim 0 (padded storage on every rank);
+        # buffers (packed quantized bases and their statistics) stay whole on each rank
+        weights += sum((fsdp_shard_numel(s, nproc) - math.prod(s)) * b for _, s, b in kept_params)
+        adapters = sum(fsdp_shard_numel(s, nproc) * b for _, s, b in adapter_params)
 
     # -------------------------------------------------------------------------------- gradients
-    grad_sizes = [math.prod(s) * b for _, s, b in train_params]
+    grad_sizes = [(fsdp_shard_numel(s, nproc) if fsdp else math.prod(s)) * b for _, s, b in train_params]
     if o.layerwise:
         gradients = max(grad_sizes)
     else:
@@ -806,31 +857,42 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     if efft_bits == 8 and not _efft_8bit_available():
         notes.append("8-bit moments are not available yet in efft.optim (moments.BITS); predicted with the planned "
                      "layout: 1 byte per element + a float32 absmax per 256")
-    opt_state = 0
-    step_ws = 0
-    plain_bytes_tmp = 0
-    any_8bit = False
-    per_param: list[tuple[int, int]] = []  # (parameter bytes, its state bytes), for offload placement
-    for pname, shape, gb in train_params:
-        numel = math.prod(shape)
+
+    def state_on(shard_rank: Optional[int]):
+        """(state bytes, step workspace, foreach temporaries, any 8-bit, per parameter) on ``shard_rank`` of
+        an FSDP2 run (state shaped like the unpadded shard), or of one process (``None``)."""
+        opt_state, step_ws, plain_bytes_tmp, any_8bit, per_param = 0, 0, 0, False, []
+        for pname, shape, gb in train_params:
+            numel = math.prod(shape) if shard_rank is None else fsdp_shard_numel(shape, nproc, shard_rank)
+            st, ws, tmp, is8 = _param_state(pname, shape, gb, numel)
+            opt_state += st
+            step_ws = max(step_ws, ws)
+            plain_bytes_tmp += tmp
+            any_8bit = any_8bit or is8
+            per_param.append((gb * numel, st))  # (parameter bytes, its state bytes), for offload placement
+        return opt_state, step_ws, plain_bytes_tmp, any_8bit, per_param
+
+    def _param_state(pname, shape, gb, numel):
+        ws, tmp, is8 = 0, 0, False
         if pname in lowrank_names and len(shape) == 2:
             st, ws = _lowrank_state(shape, gb, o, rank, projector, efft_bits)
-            step_ws = max(step_ws, ws)
         elif bnb8:
             if numel >= 4096:  # bitsandbytes' min_8bit_size
                 st = 2 * numel + 2 * 4 * -(-numel // 256)
-                any_8bit = True
+                is8 = True
             else:
                 st = 2 * 4 * numel
         elif torch_adamw:
             st = 2 * gb * numel + 4
-            plain_bytes_tmp += gb * numel  # foreach sqrt(v) over the group: one moment-sized temporary
+            tmp = gb * numel  # foreach sqrt(v) over the group: one moment-sized temporary
         else:
             st = 2 * _moment_bytes(numel, efft_bits)
             # efft's foreach AdamW part: float32 copies of non-fp32 gradients + sqrt(v)
-            plain_bytes_tmp += (4 if gb == 4 else 8) * numel
-        opt_state += st
-        per_param.append((gb * numel, st))
+            tmp = (4 if gb == 4 else 8) * numel
+        return st, ws, tmp, is8
+
+    # an FSDP2 rank's state: rank 0 holds the most (every other rank's shard has at most its rows)
+    opt_state, step_ws, plain_bytes_tmp, any_8bit, per_param = state_on(0 if fsdp else None)
     if any_8bit:
         opt_state += 2 * 256 * 4  # the two quantization maps, shared by all parameters
     if o.layerwise:
@@ -838,12 +900,22 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     else:
         step_ws = max(step_ws, plain_bytes_tmp)
     host = streamed_host
-    if off.optimizer:
-        # efft.offload.optimizer: a parameter of at least keep_small_params_on_device_bytes gets a
-        # host copy, a host gradient buffer and its state on the host; smaller parameters, and
-        # parameters whose state is smaller than that (low-rank states), stay on the device.
+
+    def offloaded(per_param) -> list[tuple[int, int]]:
+        """efft.offload.optimizer: a parameter of at least keep_small_params_on_device_bytes gets a
+        host copy, a host gradient buffer and its state on the host; smaller parameters, and
+        parameters whose state is smaller than that (low-rank states), stay on the device."""
         keep = max(off.keep_small_params_on_device_bytes, 1)
-        on_host = [(pb, st) for pb, st in per_param if pb >= keep and st >= keep]
+        return [(pb, st) for pb, st in per_param if pb >= keep and st >= keep] if off.optimizer else []
+
+    per_rank_state = None
+    if fsdp:  # the device's optimizer state on each rank
+        per_rank_state = []
+        for k in range(nproc):
+            st_k, _, _, is8_k, pp_k = state_on(k)
+            per_rank_state.append(st_k + (2 * 256 * 4 if is8_k else 0) - sum(st for _, st in offloaded(pp_k)))
+    if off.optimizer:
+        on_host = offloaded(per_param)
         host_state = sum(st for pb, st in on_host)
         host += host_state + sum(2 * pb for pb, st in on_host)
         opt_state_device = opt_state - host_state
@@ -973,6 +1045,35 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     static = weights + adapters + opt_state_device
     during_bwd = activations + workspace + head_grad
     during_step = gradients + step_ws
+    communication, units = 0, None
+    if fsdp:
+        # FSDP2 all-gathers a unit's full (padded) parameters for its forward and again for its
+        # backward: the root's (embeddings, final norm, head: efft.integrations.fsdp shards it last,
+        # FSDP2 keeps the root gathered from forward to the end of backward) and, with
+        # reshard_after_forward, two decoder layers (the one computing and the one prefetched), else
+        # every layer, held from its forward to its backward
+        units = _fsdp_unit_bytes(model, kept_params, adapter_params, nproc)
+        layers = sorted(units["layers"])
+        communication = units["root"] + (sum(layers[-2:]) if t.fsdp_config.reshard_after_forward else sum(layers))
+        during_bwd += communication
+        notes.append(f"train.fsdp over {nproc} processes: parameters, gradients and AdamW state sharded on dim 0 "
+                     "(padded to equal shards; rank 0 shown, it holds the most); buffers, such as packed "
+                     "quantized bases, whole on every rank")
+    elif nproc > 1:
+        # DDP as Trainer builds it (accelerate: gradient_as_bucket_view=False): the reducer's buckets
+        # are a second copy of the gradients it reduces, allocated for the model's lifetime. Layer-wise
+        # optimizers keep their parameters out of DDP (efft.integrations.ddp.split_for_ddp decides).
+        from efft.integrations.ddp import split_for_ddp
+
+        reduced = train_params
+        if o.layerwise:
+            metas = [(torch.empty(shape, device="meta"), (pn, shape, b)) for pn, shape, b in train_params]
+            _, left = split_for_ddp([m for m, _ in metas])
+            left_ids = {id(m) for m in left}
+            reduced = [sb for m, sb in metas if id(m) in left_ids]
+        communication = sum(math.prod(s) * b for _, s, b in reduced)
+        static += communication
+        notes.append(f"DDP over {nproc} processes: each rank holds one process's bytes plus DDP's gradient buckets")
     total = static + max(during_bwd, during_step)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -982,7 +1083,15 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
     summary = (f"{cfg.model_type} {n_params / 1e9:.2f}B params, {what}, optim {o.name}"
                f"{' layer-wise' if o.layerwise else ''}{' 8-bit state' if o.state_bits == 8 else ''}, "
                f"{r.model.dtype}, batch {b} x seq {s}{', checkpointing' if ckpt else ''}, "
-               f"{r.model.attn_implementation}; {n_train / 1e6:.1f}M trainable")
+               f"{r.model.attn_implementation}; {n_train / 1e6:.1f}M trainable"
+               + (f"; per rank of {nproc} ({'FSDP2' if fsdp else 'DDP'})" if nproc > 1 else ""))
+    peak_note = "peak = weights + adapters + optimizer state + max(activations + workspace, gradients + step temporaries)"
+    if fsdp:
+        peak_note = ("peak = weights + adapters + optimizer state (shards) + max(activations + workspace + "
+                     "gathered params, gradient shards + step temporaries)")
+    elif nproc > 1:
+        peak_note = ("peak = weights + adapters + optimizer state + DDP buckets + max(activations + workspace, "
+                     "gradients + step temporaries)")
     details = {
         "summary": summary, "params": n_params, "trainable_params": n_train, "buffers": buffers,
         "frozen_weight_bytes": frozen_bytes, "quantized_linears": len(quantized), "lora_modules": len(targets),
@@ -990,10 +1099,35 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None) -> Es
         "activation_parts": act, "head_grad": head_grad, "activation_host_bytes": details_act_host,
         "streamed_weight_host_bytes": streamed_host, "streamed_layer_bytes": streamed_layer,
         "host_embedding_bytes": host_embedding_bytes, "head_chunk_workspace": head_chunks,
-        "peak_note": "peak = weights + adapters + optimizer state + max(activations + workspace, gradients + step temporaries)",
+        "peak_note": peak_note, "fsdp": fsdp,
     }
+    if fsdp:
+        details["fsdp_units"] = units  # full (padded) parameter bytes each unit gathers
+        details["per_rank"] = [{"weights": weights, "adapters": adapters, "gradients": gradients, "optimizer_state": st}
+                               for st in per_rank_state]
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer_state=opt_state_device,
-                    activations=activations, workspace=workspace, total=total, host=host, details=details, notes=notes)
+                    activations=activations, workspace=workspace, total=total, host=host, details=details, notes=notes,
+                    communication=communication, nproc_per_node=nproc)
+
+
+def _fsdp_unit_bytes(model, kept_params, adapter_params, nproc: int) -> dict:
+    """Full parameter bytes each FSDP2 unit all-gathers: ``layers`` (one entry per decoder layer, as
+    efft.integrations.fsdp shards them) and ``root`` (the rest). A gathered parameter is ``nproc``
+    padded shards."""
+    from efft.integrations.fsdp import decoder_layers
+
+    ids = {id(m) for m in decoder_layers(model)}
+    prefixes = [n + "." for n, m in model.named_modules() if id(m) in ids]
+    layers = dict.fromkeys(prefixes, 0)
+    root = 0
+    for name, shape, b in list(kept_params) + list(adapter_params):
+        full = nproc * fsdp_shard_numel(shape, nproc) * b
+        owner = next((p for p in prefixes if name.startswith(p)), None)
+        if owner is None:
+            root += full
+        else:
+            layers[owner] += full
+    return {"root": root, "layers": list(layers.values())}
 
 
 def _streamed_layer_bytes(model, quantized: set, blocksize: int) -> list[int]:
@@ -1014,11 +1148,16 @@ def _streamed_layer_bytes(model, quantized: set, blocksize: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------- suggestions
-def _candidates(r) -> list[tuple[float, str, list[tuple[str, Any]]]]:
+def _candidates(r, nproc: int = 1) -> list[tuple[float, str, list[tuple[str, Any]]]]:
     """(cost, description, [(dotted key, value)]) changes, cheapest first: exact speed-neutral ones,
-    then compute-for-memory trades, then method changes."""
+    then compute-for-memory trades, then method changes. Sharding is offered over the processes the
+    run already has; _apply drops it where efft's FSDP refusals (fsdp_problems) forbid the recipe."""
     c = []
     t, o, q, a, sp, off = r.train, r.optim, r.quant, r.adapter, r.sparsity, r.offload
+    if nproc > 1 and not t.fsdp:
+        c.append((2.5, f"shard with train.fsdp over {nproc} GPUs (FSDP2: weights, gradients and optimizer state "
+                       f"split {nproc} ways; gathers each layer's weights in forward and backward)",
+                  [("train.fsdp", True)]))
     if not sp.loss_tokens.enabled:
         c.append((1, "loss-token skipping (exact; no batch x seq x vocab logits)", [("sparsity.loss_tokens.enabled", True)]))
     if not t.gradient_checkpointing:
@@ -1083,9 +1222,9 @@ def _apply(r, changes: list[tuple[str, Any]]):
     return new
 
 
-def _suggest(r, cfg, gpu: int, label_fraction: float):
+def _suggest(r, cfg, gpu: int, label_fraction: float, nproc: int = 1):
     """The cheapest single change that fits; else changes added cheapest-first until it fits."""
-    cands = _candidates(r)
+    cands = _candidates(r, nproc)
     cache: dict = {}
 
     def total_of(changes):
@@ -1093,7 +1232,7 @@ def _suggest(r, cfg, gpu: int, label_fraction: float):
         if new is None:
             return None
         try:
-            return _estimate(new, cfg, label_fraction, cache).total
+            return _estimate(new, cfg, label_fraction, cache, nproc).total
         except ValueError:
             return None
 
