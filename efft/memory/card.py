@@ -95,7 +95,66 @@ def big_recipes(arch: str) -> list[tuple[str, dict]]:
     ]
 
 
-def render(acc_rows: list[dict], big_rows: list[dict], peak_rows: list[dict]) -> str:
+def sharded_rows() -> list[dict]:
+    """efft.memory.ranks' FSDP2 cases on 2 gloo processes (one torchrun launch, through the checkout's
+    tests/launch.py), each rank's measured bytes beside the planner's for that rank."""
+    import copy
+    import json
+    import tempfile
+
+    from tests.launch import launch, torchrun
+
+    from . import ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = {name: {"mode": "fsdp", "recipe": rd} for name, rd in ranks.SHARDED.items()}
+        Path(tmp, "cases.json").write_text(json.dumps(cases))
+        launch(torchrun("-m", "efft.memory.ranks", str(Path(tmp, "cases.json")), tmp))
+        measured = [json.loads(Path(tmp, f"rank{k}.json").read_text()) for k in (0, 1)]
+    rows = []
+    for name, rd in ranks.SHARDED.items():
+        rd = copy.deepcopy(rd)
+        rd["train"]["fsdp"] = True
+        e = est.estimate(rd, nproc_per_node=2)
+        for k in (0, 1):
+            got, want = measured[k][name], e.details["per_rank"][k]
+            rows.append({"name": name, "rank": k, "one_process": est.estimate(ranks.SHARDED[name]),
+                         "weights": (want["weights"] + want["adapters"], got["weights"]),
+                         "gradients": (want["gradients"], got["gradients"]),
+                         "optimizer_state": (want["optimizer_state"], got["optimizer_state"]),
+                         "gathered": (e.details["fsdp_units"]["root"] + max(e.details["fsdp_units"]["layers"]),
+                                      got["gathered_root"] + max(got["gathered_layers"]))})
+    return rows
+
+
+def render_sharded(rows: list[dict]) -> list[str]:
+    out = [
+        "### Per rank under FSDP2 (2 CPU processes, gloo)",
+        "",
+        "`efft estimate --nproc-per-node 2` with `train.fsdp: true` against what each rank holds after one step",
+        "(efft.memory.ranks: efft's `shard_model`, efft's optimizer; local shard bytes of parameters and buffers,",
+        "gradients, AdamW state; gathered = the root's full parameters + one decoder layer's, seen in a forward",
+        "pre-hook). Odd row counts (vocab 255, intermediate 97, LoRA r 3) make the shards uneven: FSDP2 pads",
+        "storage and gradients to rank 0's rows, while AdamW's state follows the unpadded shard, so rank 1",
+        "holds less state. tests/memory/test_estimate_ranks.py asserts every pair equal; DDP ranks equal one",
+        "process plus DDP's gradient buckets (a second copy of the gradients under Trainer's",
+        "`gradient_as_bucket_view=False`, none with a bucket view), also measured there.",
+        "",
+        "| setting | rank | weights pred / meas | grads pred / meas | optim state pred / meas | gathered pred / meas | one process: weights / grads / state |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        def pm(k):
+            p, m = r[k]
+            return f"{p:,} / {m:,}" + ("" if p == m else " (!)")
+        one = r["one_process"]
+        out.append(f"| {r['name']} | {r['rank']} | {pm('weights')} | {pm('gradients')} | {pm('optimizer_state')} | "
+                   f"{pm('gathered')} | {one.weights + one.adapters:,} / {one.gradients:,} / {one.optimizer_state:,} |")
+    exact = all(r[k][0] == r[k][1] for r in rows for k in ("weights", "gradients", "optimizer_state", "gathered"))
+    return out + ["", f"Every pair equal: {'yes' if exact else 'no (rows marked (!))'}.", ""]
+
+
+def render(acc_rows: list[dict], big_rows: list[dict], peak_rows: list[dict], shard_rows: list[dict] = ()) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "# Memory planner (`efft estimate`): accuracy and predictions",
@@ -151,6 +210,8 @@ def render(acc_rows: list[dict], big_rows: list[dict], peak_rows: list[dict]) ->
         out.append(f"| {r['name']} | {pt:,} | {mt:,} | {pt / mt:.3f} | {pd:,} | {md:,} | {pd / md:.3f} |")
     out += ["", "The workspace terms are sized for the CUDA path (logits gradient in float32, one dequantized weight,",
             "the optimizer's foreach temporaries); on CPU they come out within the ratios above.", ""]
+    if shard_rows:
+        out += render_sharded(list(shard_rows))
     out += [
         "## Predicted peaks for the shipped large models (bf16, sequence 2048, batch 1)",
         "",
@@ -192,12 +253,13 @@ def main(argv=None) -> int:
     for name, rd in PEAK_SETTINGS:
         peaks.append({"name": name, **measure_peak(rd)})
         print(f"{name}: total {peaks[-1]['total']}", flush=True)
+    shard = sharded_rows()
     big = []
     for arch in BIG:
         for label, rd in big_recipes(arch):
             big.append({"model": arch, "recipe": label, "estimate": est.estimate(rd)})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(render(acc, big, peaks))
+    Path(args.out).write_text(render(acc, big, peaks, shard))
     print(f"wrote {args.out}")
     return 0
 

@@ -1,6 +1,6 @@
 """The planner per rank (``estimate(..., nproc_per_node=N)``) against what 2 gloo processes hold.
 
-One torchrun launch (tests/memory/plan_worker.py) runs every case, since process start-up dominates:
+One torchrun launch (efft.memory.ranks) runs every case, since process start-up dominates:
 FSDP2 through efft's own ``shard_model`` and DDP as Trainer builds it. Measured per rank: the local
 bytes of parameters (shards), gradients and optimizer state, the full parameters FSDP2 gathers for
 each unit, and DDP's gradient buckets. Shapes are odd (vocab 255, intermediate 97, LoRA r 3) so that
@@ -8,23 +8,16 @@ FSDP2's dim-0 shards are uneven: rank 0 gets ceil(rows / 2) rows, rank 1 the res
 and receive gradients padded to rank 0's rows; the AdamW moments follow the unpadded shard."""
 import copy
 import json
-from pathlib import Path
 
 import pytest
 
 from efft.memory import estimate as est
+from efft.memory import ranks
 from tests.launch import launch, torchrun
-from tests.memory.harness import recipe, tiny_block
+from tests.memory.harness import recipe
 
-ODD = tiny_block("llama", hidden=66, heads=3, kv=1, inter=97, vocab=255)
-NF4 = {"type": "nf4", "compute_dtype": "float32", "blocksize": 32}
-LORA = {"type": "lora", "r": 3}
-FSDP = {  # case -> recipe (train.fsdp is added for the planner; the worker shards with shard_model)
-    "full": recipe(ODD, batch=1, seq=8),
-    "full_bf16": recipe(ODD, batch=1, seq=8, dtype="bfloat16"),
-    "lora": recipe(ODD, batch=1, seq=8, adapter=LORA),
-    "qlora": recipe(tiny_block("llama", hidden=64, inter=96, vocab=255), batch=1, seq=8, quant=NF4, adapter=LORA),
-}
+ODD = ranks.SHARDED["full FT AdamW"]["model"]["config"]  # vocab 255, intermediate 97: uneven shards
+FSDP = ranks.SHARDED  # case -> recipe (train.fsdp is added for the planner; the worker shards with shard_model)
 DDP = {  # case -> (recipe, gradient_as_bucket_view)
     "full": (recipe(ODD, batch=1, seq=8), False),  # as Trainer (accelerate) wraps the model
     "full_bucket_view": (recipe(ODD, batch=1, seq=8), True),
@@ -44,7 +37,7 @@ def ranks(tmp_path_factory):
     cases = {f"fsdp-{k}": {"mode": "fsdp", "recipe": rd} for k, rd in FSDP.items()}
     cases.update({f"ddp-{k}": {"mode": "ddp", "recipe": rd, "bucket_view": view} for k, (rd, view) in DDP.items()})
     (root / "cases.json").write_text(json.dumps(cases))
-    launch(torchrun(str(Path(__file__).with_name("plan_worker.py")), str(root / "cases.json"), str(root)))
+    launch(torchrun("-m", "efft.memory.ranks", str(root / "cases.json"), str(root)))
     return [json.loads((root / f"rank{k}.json").read_text()) for k in (0, 1)]
 
 
@@ -146,12 +139,12 @@ def test_fsdp_needs_processes_and_the_cli_takes_them(tmp_path, capsys):
     from efft import cli
 
     with pytest.raises(ValueError, match="nproc-per-node"):
-        est.estimate(_fsdp(FSDP["full"]))
+        est.estimate(_fsdp(FSDP["full FT AdamW"]))
     with pytest.raises(ValueError, match="positive integer"):
-        est.estimate(FSDP["full"], nproc_per_node=0)
+        est.estimate(FSDP["full FT AdamW"], nproc_per_node=0)
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n')
-    rd = _fsdp(FSDP["full"])
+    rd = _fsdp(FSDP["full FT AdamW"])
     rd["data"]["path"] = str(data)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(rd))
     assert cli.main(["estimate", str(tmp_path / "r.yaml"), "--nproc-per-node", "2"]) == 0

@@ -1,11 +1,14 @@
-"""One torchrun launch measures what each rank holds under FSDP2 and DDP for several tiny recipes
-(tests/memory/test_estimate_ranks.py): ``python -m torch.distributed.run ... plan_worker.py cases.json out_dir``.
+"""What each rank holds under FSDP2 and DDP, measured, for the planner's per-rank predictions
+(tests/memory/test_estimate_ranks.py and the card's sharded table, ``python -m efft.memory.card``).
 
+Run under torchrun, one launch for several recipes (process start-up dominates):
+``python -m torch.distributed.run --nproc_per_node 2 ... -m efft.memory.ranks cases.json out_dir``.
 Each case builds the recipe's model as training does (efft.memory.validate.build: quantize, adapters),
 shards it with efft's own ``shard_model`` (FSDP2) or wraps it in DDP as Trainer does (accelerate's
 default ``gradient_as_bucket_view=False``), builds efft's optimizer, runs one step, and writes this
-rank's local bytes: weights (parameters' shards + buffers), gradients (before the step), optimizer
-state, and for DDP the bytes of the reducer's gradient buckets that are not the gradients' own storage."""
+rank's local bytes to ``out_dir/rank{R}.json``: weights (parameters' shards + buffers), gradients
+(before the step), optimizer state; under FSDP2 the full parameters each unit gathers; under DDP the
+reducer's gradient buckets, and those of them whose storage no gradient shares."""
 import json
 import sys
 from pathlib import Path
@@ -91,6 +94,31 @@ def main(cases_path: str, out_dir: str) -> None:
         results[name] = out
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _odd_block() -> dict:
+    """A tiny llama with odd row counts (vocab 255, intermediate 97) so that dim-0 shards are uneven."""
+    return dict(model_type="llama", hidden_size=66, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                intermediate_size=97, vocab_size=255, max_position_embeddings=1024)
+
+
+def _recipe(block: dict, dtype: str = "float32", **sections) -> dict:
+    r = {"model": {"config": block, "dtype": dtype, "attn_implementation": "sdpa"},
+         "data": {"path": "-", "max_seq_length": 8}, "train": {"per_device_train_batch_size": 1}}
+    r.update(sections)
+    return r
+
+
+_NF4 = {"type": "nf4", "compute_dtype": "float32", "blocksize": 32}
+_LORA = {"type": "lora", "r": 3}
+# name -> recipe, sharded over 2 processes (train.fsdp is set by who plans them)
+SHARDED = {
+    "full FT AdamW": _recipe(_odd_block()),
+    "full FT AdamW, bf16": _recipe(_odd_block(), "bfloat16"),
+    "LoRA r3": _recipe(_odd_block(), adapter=_LORA),
+    "QLoRA r3 (NF4)": _recipe({**_odd_block(), "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "intermediate_size": 96}, quant=_NF4, adapter=_LORA),
+}
 
 
 if __name__ == "__main__":
