@@ -102,6 +102,11 @@ def _odd_block() -> dict:
                 intermediate_size=97, vocab_size=255, max_position_embeddings=1024)
 
 
+def _nf4_block() -> dict:
+    """Rows of the quantized linears a multiple of the NF4 block (their codes are whole buffers anyway)."""
+    return {**_odd_block(), "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96}
+
+
 def _recipe(block: dict, dtype: str = "float32", **sections) -> dict:
     r = {"model": {"config": block, "dtype": dtype, "attn_implementation": "sdpa"},
          "data": {"path": "-", "max_seq_length": 8}, "train": {"per_device_train_batch_size": 1}}
@@ -116,8 +121,10 @@ SHARDED = {
     "full FT AdamW": _recipe(_odd_block()),
     "full FT AdamW, bf16": _recipe(_odd_block(), "bfloat16"),
     "LoRA r3": _recipe(_odd_block(), adapter=_LORA),
-    "QLoRA r3 (NF4)": _recipe({**_odd_block(), "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                               "intermediate_size": 96}, quant=_NF4, adapter=_LORA),
+    "QLoRA r3 (NF4)": _recipe(_nf4_block(), quant=_NF4, adapter=_LORA),
+    "PEQA (NF4)": _recipe(_nf4_block(), quant=_NF4, adapter={"type": "peqa"}),
+    "qwen2 full FT AdamW (q/k/v biases, tied head)": _recipe({**_odd_block(), "model_type": "qwen2",
+                                                              "tie_word_embeddings": True}),
 }
 
 

@@ -56,8 +56,10 @@ def test_fsdp_per_rank_bytes_equal_measured(case, ranks):
         assert units["root"] == got["gathered_root"]
         assert got["gathered_at_once"] <= e.communication  # the CPU forward gathers root + one layer
     one, two = ranks[0][f"fsdp-{case}"], ranks[1][f"fsdp-{case}"]
-    assert one["optimizer_state"] > two["optimizer_state"]  # uneven shards: rank 0 holds the most ...
+    assert one["optimizer_state"] >= two["optimizer_state"]  # rank 0 holds the most ...
     assert e.optimizer_state == one["optimizer_state"]  # ... and is the rank the estimate shows
+    if case != "PEQA (NF4)":  # odd rows (PEQA's scales are even): the state shards really are uneven
+        assert one["optimizer_state"] > two["optimizer_state"]
     single = est.estimate(FSDP[case])
     assert e.gradients < single.gradients and e.optimizer_state < single.optimizer_state
 
