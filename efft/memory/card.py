@@ -127,6 +127,12 @@ def sharded_rows() -> list[dict]:
     return rows
 
 
+def _pm(row: dict, key: str) -> str:
+    """'predicted / measured' for a table cell, flagged when they differ."""
+    p, m = row[key]
+    return f"{p:,} / {m:,}" + ("" if p == m else " (!)")
+
+
 def render_sharded(rows: list[dict]) -> list[str]:
     out = [
         "### Per rank under FSDP2 (2 CPU processes, gloo)",
@@ -144,12 +150,9 @@ def render_sharded(rows: list[dict]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        def pm(k):
-            p, m = r[k]
-            return f"{p:,} / {m:,}" + ("" if p == m else " (!)")
         one = r["one_process"]
-        out.append(f"| {r['name']} | {r['rank']} | {pm('weights')} | {pm('gradients')} | {pm('optimizer_state')} | "
-                   f"{pm('gathered')} | {one.weights + one.adapters:,} / {one.gradients:,} / {one.optimizer_state:,} |")
+        out.append(f"| {r['name']} | {r['rank']} | {_pm(r, 'weights')} | {_pm(r, 'gradients')} | {_pm(r, 'optimizer_state')} | "
+                   f"{_pm(r, 'gathered')} | {one.weights + one.adapters:,} / {one.gradients:,} / {one.optimizer_state:,} |")
     exact = all(r[k][0] == r[k][1] for r in rows for k in ("weights", "gradients", "optimizer_state", "gathered"))
     return out + ["", f"Every pair equal: {'yes' if exact else 'no (rows marked (!))'}.", ""]
 
@@ -180,11 +183,8 @@ def render(acc_rows: list[dict], big_rows: list[dict], peak_rows: list[dict], sh
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in acc_rows:
-        def pm(k):
-            p, m = r[k]
-            return f"{p:,} / {m:,}" + ("" if p == m else " (!)")
         ap, am = r["activations"]
-        out.append(f"| {r['name']} | {pm('weights')} | {pm('gradients')} | {pm('optimizer_state')} | "
+        out.append(f"| {r['name']} | {_pm(r, 'weights')} | {_pm(r, 'gradients')} | {_pm(r, 'optimizer_state')} | "
                    f"{ap:,} / {am:,} | {ap / am:.3f} |")
     worst = max(abs(r["activations"][0] / r["activations"][1] - 1) for r in acc_rows)
     exact = all(r[k][0] == r[k][1] for r in acc_rows for k in ("weights", "gradients", "optimizer_state"))
