@@ -263,7 +263,9 @@ def write_card(scratch: list[dict], finetunes: dict[float, list[dict]], args, ou
         "training with `host` is bitwise the same as with `trainable` when one chunk covers the vocabulary, "
         "tied and untied, with accumulation and clipping (`tests/quantized_ft/test_host_embeddings.py`). "
         "Planned (not measured) for the 8B recipe with embedding and head trained: 21.6 GiB with `trainable`, "
-        "10.1 GiB on the device + 15.7 GiB of host memory with `host`. One process only; refused with fp16 "
+        "10.1 GiB on the device + 15.7 GiB of host memory with `host` (accumulation 1, as in the recipe; with "
+        "gradient accumulation the planner adds each host weight's accumulation-pass buffer: 19.6 GiB; its host "
+        "bytes equal those measured in a tiny run, accumulation 1 and 3, tied and untied). One process only; refused with fp16 "
         "and `offload.optimizer`. The CPU update's speed and how much of the chunk copies the prefetch hides "
         "are not measured (no GPU was used).",
         "",

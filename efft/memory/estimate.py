@@ -927,13 +927,20 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
     if host_params:
         # efft.offload.host_optimizer: float32 weight + float32 gradient + the CPU optimizer's state
         # (the main optimizer's plain-AdamW part: efft's moments at optim.state_bits; torch AdamW's
-        # float32 moments + step when the main optimizer is torch's or bitsandbytes')
+        # float32 moments + step when the main optimizer is torch's or bitsandbytes'). The gradient
+        # is HostGrad's pooled buffers, one set per host weight (tied: one): the main buffer, and
+        # with train.gradient_accumulation_steps > 1 a second float32 buffer of the weight's size
+        # that each later micro-batch sums into, allocated at the first step's second micro-batch
+        # and kept. Trainer's zero_grad sets the gradient to None, so the first micro-batch of a step
+        # writes into the main buffer and accumulation 1 never takes the second.
+        grad_buffers = 2 if t.gradient_accumulation_steps > 1 else 1
         for _, shape in host_params:
             numel = math.prod(shape)
             st = 2 * 4 * numel + 4 if (bnb8 or torch_adamw) else 2 * _moment_bytes(numel, efft_bits)
-            host_embedding_bytes += 4 * numel + 4 * numel + st
+            host_embedding_bytes += 4 * numel + grad_buffers * 4 * numel + st
         host += host_embedding_bytes
-        notes.append("quant.embeddings: host: embedding/LM head weights, gradients and their AdamW state in host memory; "
+        notes.append("quant.embeddings: host: embedding/LM head weights, gradients (two buffers each with gradient "
+                     "accumulation) and their AdamW state in host memory; "
                      "the device holds at most two LM-head chunks of quant.head_chunk_rows rows")
 
     # ------------------------------------------------------------------------------ activations

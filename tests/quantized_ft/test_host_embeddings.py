@@ -280,14 +280,15 @@ def test_planner_moves_embedding_and_head_to_host(data_path, tmp_path):
     """Llama 320 x 64 untied: embedding and head 2 x 81,920 B of float32 weights. With host mode they
     leave the device; the device gets the chunk workspace instead: a ring of two float32 chunks of
     128 rows plus one chunk's float32 dW = 3 x 128 x 64 x 4 = 98,304 B; the host holds weight +
-    gradient + torch AdamW's two moments and step for each."""
+    gradient (accumulation 2: the gradient buffer and the accumulation-pass buffer) + torch AdamW's
+    two moments and step for each."""
     frozen = estimate(_recipe(data_path, tmp_path, "frozen"))
     host = estimate(_recipe(data_path, tmp_path, "host"))
     trainable = estimate(_recipe(data_path, tmp_path, "trainable"))
     wb = 320 * 64 * 4
     assert frozen.weights - host.weights == 2 * wb
     assert host.details["head_chunk_workspace"] == 3 * 128 * 64 * 4
-    assert host.host == 2 * (wb + wb + 2 * wb + 4)
+    assert host.host == 2 * (wb + 2 * wb + 2 * wb + 4)
     assert host.gradients == frozen.gradients and host.optimizer_state == frozen.optimizer_state
     # trainable keeps all of it on the device: weights, float32 gradients, AdamW's moments + step
     assert trainable.weights == frozen.weights
@@ -298,6 +299,50 @@ def test_planner_moves_embedding_and_head_to_host(data_path, tmp_path):
     model = _model("host", tied=False, chunk=128)
     model(**tiny_batch(VOCAB)).loss.backward()
     assert model.lm_head.residency.peak_head_rows_on_device * 64 * 4 == 2 * 128 * 64 * 4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("acc", [1, 3])
+def test_planner_host_bytes_equal_a_measured_run(data_path, tmp_path, tied, acc):
+    """The planner's host bytes are what a real run holds (efft train: Trainer, its zero_grad between
+    steps, the host optimizer), read from the pool's and the host providers' own accounting at the
+    end of every step: the weights (one if tied), their gradient buffers (one each; with accumulation
+    a second, the accumulation-pass buffer, from the first step's second micro-batch on) and torch
+    AdamW's moments + step. Besides those the pool holds only released embedding-row staging buffers
+    (one per distinct micro-batch shape, sized by the data, not planned)."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    from efft.offload import host_bytes_in_use
+    from efft.train import train
+
+    r = _recipe(data_path, tmp_path, train={"gradient_accumulation_steps": acc, "max_steps": 2, "save_steps": 100},
+                model={"config": {**TINY, "tie_word_embeddings": tied}, "dtype": "float32"})
+    plan = estimate(r)
+    seen = []
+
+    class Measure(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+            res = model._efft_host_residency
+            opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrap
+            tokens = [n // (64 * 4) for n, bufs in res.pool._free.items() for _ in bufs]
+            seen.append({"pool_in_use": res.pool.in_use_bytes, "weights": res.host_bytes(),
+                         "state": opt.host.host_bytes(), "staging": res.pool.cached_bytes, "tokens": tokens,
+                         "global": host_bytes_in_use() - base})
+
+    gc.collect()
+    base = host_bytes_in_use()
+    train(r, trainer_hook=lambda tr: tr.add_callback(Measure()))
+    assert len(seen) == 2
+    wb, n = 320 * 64 * 4, 1 if tied else 2
+    for m in seen:
+        assert m["pool_in_use"] == n * (2 if acc > 1 else 1) * wb  # the gradient buffers: nothing else in use
+        assert m["weights"] == n * wb and m["state"] == n * (2 * wb + 4)
+        assert m["pool_in_use"] + m["weights"] + m["state"] == plan.host == plan.details["host_embedding_bytes"]
+        # the rest of host_bytes_in_use(): cached staging of micro-batches' embedding rows (batch 4)
+        assert m["global"] == plan.host + m["staging"]
+        assert m["tokens"] and all(t % 4 == 0 and t <= 4 * 64 for t in m["tokens"])
 
 
 def test_planner_suggests_host_embeddings_for_the_8b_int8_recipe():
