@@ -85,7 +85,10 @@ def choose_tokens(score: torch.Tensor, forced: torch.Tensor, ratio: float, unbia
 
 
 def _gather_seq(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gather positions ``idx`` (B, K) along ``dim`` of ``t`` (batch dim 0, possibly broadcast 1)."""
+    """Gather positions ``idx`` (B, K) along ``dim`` of ``t`` (batch dim 0, possibly broadcast 1).
+
+    For tensors without gradient (masks): ``gather`` saves its whole source for backward, so
+    tensors that need a gradient go through ``_take`` instead."""
     b, k = idx.shape
     if t.shape[0] != b:
         t = t.expand(b, *t.shape[1:])
@@ -97,7 +100,23 @@ def _gather_seq(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return t.gather(dim, view.expand(expand))
 
 
-def _gather_args(args: dict, idx: torch.Tensor, seq: int, layer_name: str) -> dict:
+def _flat_index(idx: torch.Tensor, seq: int) -> torch.Tensor:
+    """(B, K) positions -> (B*K,) row numbers in the (B*S, ...) flattening of a (B, S, ...) tensor."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * seq).reshape(-1)
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Positions ``idx`` (B, K) along dim 1 of ``t`` (batch dim 0, possibly broadcast 1).
+
+    ``index_select`` on a flattened view: its backward keeps only the (B*K,) index, where
+    ``gather`` would keep the whole full-length source alive for backward."""
+    b, k = idx.shape
+    if t.shape[0] != b:  # broadcast batch: every row picks from the one shared row
+        return t[0].index_select(0, idx.reshape(-1)).view(b, k, *t.shape[2:])
+    return t.reshape(b * t.shape[1], *t.shape[2:]).index_select(0, flat).view(b, k, *t.shape[2:])
+
+
+def _gather_args(args: dict, idx: torch.Tensor, flat: torch.Tensor, seq: int, layer_name: str) -> dict:
     out = {}
     for name, v in args.items():
         if name == "hidden_states":
@@ -110,12 +129,11 @@ def _gather_args(args: dict, idx: torch.Tensor, seq: int, layer_name: str) -> di
             if v.dim() != 4 or v.shape[-1] != seq or v.shape[-2] != seq:
                 raise ValueError(f"token elimination: {layer_name} got an attention mask of shape {tuple(v.shape)}; "
                                  "it handles 4-D (batch, heads, seq, seq) masks (attn_implementation eager or sdpa)")
-            v = _gather_seq(_gather_seq(v, idx, 2), idx, 3)
-            out[name] = v
+            out[name] = _gather_seq(_gather_seq(v, idx, 2), idx, 3)  # no gradient: nothing saved
         elif name == "position_embeddings" and isinstance(v, (tuple, list)):
-            out[name] = type(v)(_gather_seq(t, idx, 1) for t in v)
+            out[name] = type(v)(_take(t, idx, flat) for t in v)
         elif name == "position_ids" and torch.is_tensor(v) and v.dim() == 2 and v.shape[-1] == seq:
-            out[name] = _gather_seq(v, idx, 1)
+            out[name] = _take(v, idx, flat)
         elif name == "cache_position" and torch.is_tensor(v):
             out[name] = None if v.dim() == 1 else v
         elif torch.is_tensor(v) and v.dim() >= 2 and seq in v.shape[1:] and v.shape[0] in (1, idx.shape[0]):
@@ -152,17 +170,22 @@ def _wrap_layer(layer: nn.Module, index: int, state: EliminationState) -> None:
         if idx.shape[1] >= s:
             return orig(*args, **kwargs)
         state.last_kept[index] = idx
-        hg = _gather_seq(h, idx, 1)
-        rest = _gather_args({k: v for k, v in a.items() if k != first}, idx, s, type(layer).__name__)
+        # one (B*K,) index serves the gather and the scatter back, and it is all that their backward
+        # keeps: index_select / index_put save only the index (gather would save the full-length h)
+        flat = _flat_index(idx, s)
+        hg = _take(h, idx, flat)
+        rest = _gather_args({k: v for k, v in a.items() if k != first}, idx, flat, s, type(layer).__name__)
         out = orig(hg, **rest)
         tail = None
         if isinstance(out, tuple):
             out, tail = out[0], out[1:]
-        where = idx[..., None].expand(-1, -1, h.shape[-1])
+        d = h.shape[-1]
         if state.unbiased:  # input + update / p for the drawn tokens (weight 1 for the forced ones)
-            full = h.scatter_add(1, where, (out - hg) * weight[..., None].to(out.dtype))
+            upd = (out - hg) * weight[..., None].to(out.dtype)
+            full = h.reshape(b * s, d).index_put((flat,), upd.reshape(-1, d), accumulate=True)
         else:  # the kept rows take the layer's output as is; the others pass through
-            full = h.scatter(1, where, out)
+            full = h.reshape(b * s, d).index_put((flat,), out.reshape(-1, d))
+        full = full.view(b, s, d)
         return full if tail is None else (full, *tail)
 
     layer._efft_orig_forward = orig

@@ -181,3 +181,54 @@ def test_bad_config_raises():
         apply_token_elimination(m)
     with pytest.raises(ValueError, match="causal-LM"):
         apply_token_elimination(nn.Linear(2, 2))
+
+
+def _layer_saved_bytes(model, layer):
+    """Bytes autograd saves inside one decoder layer's forward (the elimination wrapper included):
+    a saved_tensors_hooks context opened and closed by the layer's own forward hooks, each storage
+    counted once, parameters excluded."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    hooks = [layer.register_forward_pre_hook(lambda *a: ctx.__enter__()),
+             layer.register_forward_hook(lambda *a: ctx.__exit__(None, None, None))]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_eliminated_layer_saves_only_kept_tokens(family, unbiased):
+    """An eliminated layer saves at most kept/seq of what the dense layer saves, plus the (B*K,)
+    int64 index of the kept rows (and, unbiased, their float32 update weights) and, for rotary
+    models, the per-row cos/sin of the kept positions beyond the dense layer's batch-shared table.
+    Nothing full-length: the old gather into the short sequence saved the whole layer input."""
+    dense = tiny_model(family, layers=3, **NO_DROPOUT.get(family, {}))
+    dense.config._attn_implementation = "sdpa"  # eager's (seq x seq) weights would shrink quadratically and hide overheads
+    model = apply_token_elimination(copy.deepcopy(dense), keep_ratio=0.5, start_layer=1, unbiased=unbiased)
+    batch = _prompt_batch(seq=64)
+    b, s = batch["input_ids"].shape
+    sizes = []
+    for m in (dense, model):
+        layers = m.model.layers if family != "gpt2" else m.transformer.h
+        seen, hooks = _layer_saved_bytes(m, layers[1])
+        m.train()
+        m(**batch, use_cache=False).loss.backward()  # gpt2 would otherwise keep a KV cache copy of k, v
+        for h in hooks:
+            h.remove()
+        sizes.append(sum(seen.values()))
+    k = model._efft_token_elimination.last_kept[1].shape[1]
+    assert k == s // 2
+    allowance = b * k * (8 + (4 if unbiased else 0))
+    if family != "gpt2":  # cos and sin, (1, S, head_dim) in the dense layer, (B, K, head_dim) here
+        allowance += 2 * (b - 1) * k * (dense.config.hidden_size // dense.config.num_attention_heads) * 4
+    bound = k / s * sizes[0] + allowance
+    print(f"{family} layer 1 saved bytes: dense {sizes[0]} eliminated {sizes[1]} bound {bound:.0f}")
+    assert sizes[1] <= bound
+    assert sizes[1] >= 0.9 * k / s * sizes[0]  # the counter sees the layer's activations
