@@ -8,6 +8,10 @@ rejoin the residual stream unchanged: their output is their input. Kept tokens a
 tokens in that layer, and eliminated ones get no gradient through the layer's branch (identity
 only), which is what LeMo's published code does; the result is not the dense model's.
 
+Saved for backward by an eliminated layer: its activations at the kept tokens, one (B*K,) int64
+index (the gather in and the write back keep only that), the per-row rotary cos/sin of the kept
+positions (dense layers share one table), and with ``unbiased`` the (B, K) update weights.
+
 Never eliminated: every position whose hidden state feeds the loss (shifted label != -100), and
 position 0 (the attention sink most models rely on).
 
