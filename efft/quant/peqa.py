@@ -45,6 +45,17 @@ def _weight(layer: "PEQALinear", scales: torch.Tensor, dtype: torch.dtype) -> to
     return w.view(layer.out_features, layer.in_features).to(dtype)
 
 
+def scale_grad(layer: "PEQALinear", dw: torch.Tensor) -> torch.Tensor:
+    """Per-block scale gradient from the weight gradient ``dw`` [out, in]: W = v * scale[block], so
+    dL/dscale[b] = sum over block b of dW * v. Linear in ``dw``: an unbiased estimate of dW (WTA-CRS)
+    gives an unbiased scale gradient."""
+    dw = dw.float().reshape(-1)
+    pad = layer.n_blocks * layer.blocksize - dw.numel()
+    if pad:
+        dw = torch.nn.functional.pad(dw, (0, pad))
+    return (dw * _unit_values(layer)).view(layer.n_blocks, layer.blocksize).sum(1)
+
+
 class _ScaledCodeMatmul(torch.autograd.Function):
     """y = x W^T + b with W = values(codes) * scales[block]; grads for x, scales, bias."""
 
@@ -66,12 +77,7 @@ class _ScaledCodeMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dy2 = dy.reshape(-1, dy.shape[-1]).float()
             x2 = x.reshape(-1, x.shape[-1]).float()
-            dw = (dy2.t() @ x2).reshape(-1)  # transient [out*in]; never kept
-            pad = layer.n_blocks * layer.blocksize - dw.numel()
-            if pad:
-                dw = torch.nn.functional.pad(dw, (0, pad))
-            v = _unit_values(layer)
-            dscales = (dw * v).view(layer.n_blocks, layer.blocksize).sum(1).to(scales.dtype)
+            dscales = scale_grad(layer, dy2.t() @ x2).to(scales.dtype)  # dW transient [out, in]; never kept
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
         return dx, dscales, db, None

@@ -16,9 +16,11 @@ sample, so the kept rows are stored once, as autograd stores the shared input on
 
 Applies to every ``nn.Linear`` whose weight trains: plain layers, peft LoRA's ``lora_A``/``lora_B``
 (the layers that keep the input of a LoRA-wrapped base, frozen or quantized, for their gradients),
-and quantized layers with a trainable weight carrier (efft's Int8TrainableLinear: dequantize() in
-forward and backward, only sampled rows kept). A frozen layer (nn.Linear or a QuantLinear base)
-keeps no input for a weight gradient, so there is nothing to sample there and it is left as is. Uses ``efft.ops.sparse_weight_grad`` for
+quantized layers with a trainable weight carrier (efft's Int8TrainableLinear: dequantize() in
+forward and backward, only sampled rows kept) and PEQA's quantized layers with trainable scales
+(their scale gradient is a block sum of dW * code values, so the sampled dW gives it unbiased). A
+frozen layer (nn.Linear or a QuantLinear base) keeps no input for a weight gradient, so there is
+nothing to sample there and it is left as is. Uses ``efft.ops.sparse_weight_grad`` for
 the sampled product (Triton on CUDA, its torch reference otherwise).
 """
 from __future__ import annotations
@@ -123,13 +125,43 @@ class DequantSampledLinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+class PEQASampledFn(torch.autograd.Function):
+    """The same for PEQA (efft.quant.peqa.PEQALinear: frozen codes, trainable scales): the scale
+    gradient is a linear function of dW (a block sum of dW * code values), so it is computed from the
+    WTA-CRS estimate of dW and stays unbiased; W is rebuilt from codes and scales in backward."""
+
+    @staticmethod
+    def forward(ctx, x, scales, bias, x_kept, idx, scale, state, layer):
+        from efft.quant.peqa import _weight
+
+        y = F.linear(x, _weight(layer, scales, x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(scales, x_kept, idx, scale)
+        ctx.layer, ctx.state, ctx.x_shape, ctx.has_bias = layer, state, x.shape, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        from efft.quant.peqa import _weight, scale_grad
+
+        scales, x_kept, idx, scale = ctx.saved_tensors
+        layer = ctx.layer
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = gy @ _weight(layer, scales, gy.dtype) if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = scale_grad(layer, _weight_grad(gy2.float(), x_kept.float(), idx, scale, torch.float32)).to(scales.dtype)
+        gb = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        ctx.state.observe(gy2, ctx.x_shape)
+        return gx, gs, gb, None, None, None, None, None
+
+
 class _LayerState:
     """Per-layer proxy of ||dy|| by position (from the last backward) and the shared-sample cache."""
 
-    def __init__(self, module: nn.Module, keep: float, n_det_fraction: float, shared: "SharedSamples"):
+    def __init__(self, weight_dtype: torch.dtype, keep: float, n_det_fraction: float, shared: "SharedSamples"):
         self.keep, self.det_fraction, self.shared = keep, n_det_fraction, shared
         self.proxy: Optional[torch.Tensor] = None
-        self.weight_dtype = module.weight.dtype
+        self.weight_dtype = weight_dtype
 
     def observe(self, gy2: torch.Tensor, x_shape) -> None:
         seq = x_shape[-2] if len(x_shape) >= 3 else gy2.shape[0]
@@ -179,14 +211,19 @@ class SharedSamples:
         return out
 
 
-def _sampled_forward(module: nn.Module, state: _LayerState, dequant: bool):
+def _sampled_forward(module: nn.Module, state: _LayerState, kind: str):
     orig = module.forward
 
     def forward(x):
-        if not (torch.is_grad_enabled() and module.weight.requires_grad and module.training):
+        trains = any(p.requires_grad for p in _trained(module)) if kind == "peqa" else module.weight.requires_grad
+        if not (torch.is_grad_enabled() and trains and module.training):
             return orig(x)
+        if kind == "peqa":
+            xc = x.to(module.compute_dtype)
+            kept, idx, scale = state.shared.get(xc, state)
+            return PEQASampledFn.apply(xc, module.scales(), module.bias, kept, idx, scale, state, module).to(x.dtype)
         kept, idx, scale = state.shared.get(x, state)
-        if dequant:
+        if kind == "dequant":
             return DequantSampledLinearFn.apply(x, module.weight, module.bias, kept, idx, scale, state, module)
         return SampledLinearFn.apply(x, module.weight, module.bias, kept, idx, scale, state)
 
@@ -199,6 +236,17 @@ def _trainable_quantized(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     return (type(m) is not nn.Linear and callable(getattr(m, "dequantize", None)) and hasattr(m, "in_features")
             and isinstance(w, nn.Parameter) and w.requires_grad and tuple(w.shape) == (m.out_features, m.in_features))
+
+
+def _peqa(m: nn.Module) -> bool:
+    from efft.quant.peqa import PEQALinear
+
+    return isinstance(m, PEQALinear) and any(p.requires_grad for p in _trained(m))
+
+
+def _trained(m: nn.Module) -> list:
+    """A PEQA layer's trainable scale parameter (block or channel scales)."""
+    return [p for p in (getattr(m, "block_scales", None), getattr(m, "channel_scales", None)) if isinstance(p, nn.Parameter)]
 
 
 def _name_matches(name: str, targets) -> bool:
@@ -235,15 +283,21 @@ def apply_sampled_linear(model: nn.Module, keep: float = 0.3, deterministic_frac
     for name, m in model.named_modules():
         if m is head or hasattr(m, "_efft_sampled") or not _name_matches(name, target_modules):
             continue
-        dequant = _trainable_quantized(m)
-        if not (dequant or (type(m) is nn.Linear and m.weight.requires_grad)):
+        if _peqa(m):
+            kind, wdtype = "peqa", torch.float32
+        elif _trainable_quantized(m):
+            kind, wdtype = "dequant", m.weight.dtype
+        elif type(m) is nn.Linear and m.weight.requires_grad:
+            kind, wdtype = "linear", m.weight.dtype
+        else:
             continue  # frozen (plain or quantized): autograd keeps no input for a weight gradient here
-        state = _LayerState(m, float(keep), float(deterministic_fraction), shared)
+        state = _LayerState(wdtype, float(keep), float(deterministic_fraction), shared)
         m._efft_sampled = state
-        m.forward = _sampled_forward(m, state, dequant)
+        m.forward = _sampled_forward(m, state, kind)
         done.append(name)
     if not done:
-        raise ValueError(f"sparsity.sampled_linear: no trainable nn.Linear matches target_modules={target_modules!r} "
+        raise ValueError(f"sparsity.sampled_linear: no trainable linear layer (nn.Linear, LoRA, int8 trainable, PEQA) matches "
+                         f"target_modules={target_modules!r} "
                          "(apply it after the adapter, or to a model whose linear weights train)")
     if not hasattr(model, "_efft_sampled_shared"):
         model._efft_sampled_shared = shared
