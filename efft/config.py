@@ -280,7 +280,8 @@ class PartialConfig(Section):
     """PaCA: train a random subset of each weight's input columns in place."""
 
     enabled: bool = False
-    fraction: float = Field(0.05, gt=0, le=1)
+    fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of each weight's input columns to train (default 0.05).")
+    r: Optional[int] = Field(None, ge=1, description="Input columns to train per weight (PaCA's rank); instead of fraction.")
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     seed: int = 0
 

@@ -52,6 +52,8 @@ from typing import Any, Optional
 
 import torch
 
+from efft.sparsity.partial import partial_columns
+
 from .tracker import format_bytes
 
 __all__ = [
@@ -356,7 +358,7 @@ def activation_bytes(
     sampled_keep: float = 1.0,
     gqa_in_sdpa: bool = True,
     autocast_bytes: Optional[int] = None,
-    partial_fraction: float = 0.05,
+    partial: tuple = (None, None),
     te_extra_per_token: int = 0,
 ) -> dict[str, int]:
     """Bytes saved for backward (live peak) by a llama-like causal LM, component by component.
@@ -407,7 +409,7 @@ def activation_bytes(
                 n += int(e * T * fan_in * sampled_keep) if any(k == "full" for k in kinds) else e * T * fan_in
             n += sum(lora_bytes * T * fan_in for k in kinds if k == "lora" and lora_bytes != e)
         n += sum(lora_bytes * T * lora_r for k in kinds if k == "lora")
-        n += sum(e * T * max(1, int(round(partial_fraction * fan_in))) for k in kinds if k == "partial")
+        n += sum(e * T * partial_columns(fan_in, *partial) for k in kinds if k == "partial")
         return n
 
     def layer(T: int, bb: int, ss: int, first: bool) -> int:
@@ -801,10 +803,10 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
     partial_targets = set()
     if sp.partial.enabled:
         # PaCA (efft.sparsity.partial): base frozen; per target Linear a trainable (out x k) copy of
-        # k = round(fraction * in) columns in the weight's dtype, and their int64 column indices.
+        # k columns (r, or round(fraction * in)) in the weight's dtype, and their int64 column indices.
         for name, mod in linears:
             if name not in out_names and (sp.partial.target_modules == "all-linear" or _name_matches(name, sp.partial.target_modules)):
-                cols = max(1, int(round(sp.partial.fraction * mod.in_features)))
+                cols = partial_columns(mod.in_features, sp.partial.fraction, sp.partial.r)
                 adapter_params.append((name + ".paca_weight", (mod.out_features, cols), mod.weight.element_size()))
                 weights += 8 * cols
                 partial_targets.add(name)
@@ -992,7 +994,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
         norms_trainable=full_ft or int8_train, embed_trainable=embed_trainable, head_trainable=act_head_trainable,
         input_requires_grad=input_grad, checkpointing=ckpt, loss_tokens=sp.loss_tokens.enabled,
         label_fraction=label_fraction, keep_ratio=keep, keep_start_layer=te.start_layer, sampled_keep=sampled,
-        autocast_bytes=autocast, partial_fraction=sp.partial.fraction, te_extra_per_token=te_extra,
+        autocast_bytes=autocast, partial=(sp.partial.fraction, sp.partial.r), te_extra_per_token=te_extra,
     )
     activations = act["peak"]
     if off.activations and s >= off.min_seq_length:

@@ -81,8 +81,13 @@ def sparsity_problems(cfg: Any) -> list[tuple[str, str]]:
         if not _targets_ok(_get(sl, "target_modules", "all-linear")):
             p.append(("sparsity.sampled_linear.target_modules", "must be 'all-linear' or a non-empty list of names"))
     if _get(pa, "enabled", False):
-        if not _ratio_ok(_get(pa, "fraction", 0.05)):
-            p.append(("sparsity.partial.fraction", f"must be in (0, 1], got {_get(pa, 'fraction')!r}"))
+        fr, r = _get(pa, "fraction"), _get(pa, "r")
+        if fr is not None and not _ratio_ok(fr):
+            p.append(("sparsity.partial.fraction", f"must be in (0, 1], got {fr!r}"))
+        if r is not None and not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+            p.append(("sparsity.partial.r", f"must be an integer >= 1 (input columns per weight), got {r!r}"))
+        if fr is not None and r is not None:
+            p.append(("sparsity.partial", "give fraction or r (input columns per weight), not both"))
         if not _targets_ok(_get(pa, "target_modules", "all-linear")):
             p.append(("sparsity.partial.target_modules", "must be 'all-linear' or a non-empty list of names"))
         if _get(sl, "enabled", False):
@@ -112,8 +117,8 @@ def apply_sparsity(model: nn.Module, cfg: Any) -> nn.Module:
         apply_token_elimination(model, keep_ratio=_get(te, "keep_ratio", 0.5), start_layer=_get(te, "start_layer", 1),
                                 unbiased=bool(_get(te, "unbiased", False)), min_seq_length=_get(te, "min_seq_length", 0))
     if _get(pa, "enabled", False):
-        apply_partial(model, fraction=_get(pa, "fraction", 0.05), target_modules=_get(pa, "target_modules", "all-linear"),
-                      seed=_get(pa, "seed", 0))
+        apply_partial(model, fraction=_get(pa, "fraction"), target_modules=_get(pa, "target_modules", "all-linear"),
+                      seed=_get(pa, "seed", 0), r=_get(pa, "r"))
     if _get(sl, "enabled", False):
         apply_sampled_linear(model, keep=_get(sl, "keep", 0.3), deterministic_fraction=_get(sl, "deterministic_fraction", 0.5),
                              target_modules=_get(sl, "target_modules", "all-linear"))

@@ -1,7 +1,8 @@
 """PaCA (partial connection adaptation): train a random subset of each weight's input columns in place.
 
-Instead of an adapter beside a frozen weight, ``fraction`` of the input columns of each target
-``nn.Linear`` weight W (out x in) become trainable: they live in a parameter ``paca_weight``
+Instead of an adapter beside a frozen weight, k input columns of each target ``nn.Linear`` weight
+W (out x in) become trainable (k = ``r``, PaCA's rank and peft's name for it, or ``fraction`` of the
+input columns): they live in a parameter ``paca_weight``
 (out x k) and are written back into W's columns before every forward, so the forward is the one
 matmul of the plain layer and there is no adapter path. The weight gradient of those columns is
 dY^T X[:, idx], so only the k matching input columns are saved for backward, not the whole input
@@ -59,9 +60,20 @@ def _partial_forward(module: nn.Linear):
     return forward
 
 
-def column_indices(in_features: int, fraction: float, seed: int, name: str) -> torch.Tensor:
+DEFAULT_FRACTION = 0.05
+
+
+def partial_columns(in_features: int, fraction: Optional[float] = None, r: Optional[int] = None) -> int:
+    """k, the trained input columns of a weight: ``r`` (capped at in_features), else ``fraction`` of
+    them (default 5%), at least one."""
+    if r is not None:
+        return min(int(r), in_features)
+    return max(1, int(round((DEFAULT_FRACTION if fraction is None else fraction) * in_features)))
+
+
+def column_indices(in_features: int, fraction: Optional[float], seed: int, name: str, r: Optional[int] = None) -> torch.Tensor:
     """The sorted input columns trained for module ``name``: a seeded draw, stable across runs."""
-    k = max(1, int(round(fraction * in_features)))
+    k = partial_columns(in_features, fraction, r)
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     return torch.randperm(in_features, generator=g)[:k].sort().values
 
@@ -88,15 +100,21 @@ def partial_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(getattr(m, "paca_weight", None), nn.Parameter)}
 
 
-def apply_partial(model: nn.Module, fraction: float = 0.05, target_modules: Union[str, Iterable[str]] = "all-linear",
-                  seed: int = 0) -> nn.Module:
-    """Freeze the model and make ``fraction`` of the input columns of each target Linear trainable.
+def apply_partial(model: nn.Module, fraction: Optional[float] = None, target_modules: Union[str, Iterable[str]] = "all-linear",
+                  seed: int = 0, r: Optional[int] = None) -> nn.Module:
+    """Freeze the model and make ``r`` input columns (or ``fraction`` of them; 5% if neither is
+    given) of each target Linear trainable.
 
     ``target_modules``: "all-linear" (every nn.Linear except the output embedding) or names matched
-    like peft (exact or dotted suffix). Raises ValueError on a bad fraction or no matching module.
+    like peft (exact or dotted suffix). Raises ValueError on a bad fraction or r, both given, or no
+    matching module.
     """
-    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+    if fraction is not None and r is not None:
+        raise ValueError("sparsity.partial: give fraction or r (columns per weight), not both")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1):
         raise ValueError(f"sparsity.partial.fraction must be in (0, 1], got {fraction!r}")
+    if r is not None and not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        raise ValueError(f"sparsity.partial.r must be an integer >= 1, got {r!r}")
     if target_modules != "all-linear":
         if isinstance(target_modules, str):
             target_modules = [target_modules]
@@ -119,8 +137,8 @@ def apply_partial(model: nn.Module, fraction: float = 0.05, target_modules: Unio
     for name, m in chosen:
         if hasattr(m, "paca_weight"):
             raise ValueError(f"sparsity.partial is already applied to {name}")
-        _install(m, column_indices(m.in_features, fraction, seed, name))
-    model._efft_partial = {"fraction": float(fraction), "seed": int(seed),
+        _install(m, column_indices(m.in_features, fraction, seed, name, r))
+    model._efft_partial = {"fraction": None if fraction is None else float(fraction), "r": r, "seed": int(seed),
                            "target_modules": target_modules if target_modules == "all-linear" else list(target_modules)}
     return model
 
@@ -133,8 +151,8 @@ def _adapter_path(path: Union[str, os.PathLike]) -> Path:
 def save_partial(model: nn.Module, path: Union[str, os.PathLike]) -> str:
     """Write the trained columns and their indices to ``path`` (a directory, or a .safetensors file).
 
-    Returns the file written. Only k columns per weight are stored: the adapter is ``fraction`` of
-    the target weights' size.
+    Returns the file written. Only the k trained columns per weight are stored (k / in_features of
+    the target weights' size).
     """
     from safetensors.torch import save_file
 
@@ -183,7 +201,7 @@ def load_partial(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
         if not hasattr(m, "paca_weight"):
             _install(m, idx)
         elif not torch.equal(m.paca_index.cpu(), idx):
-            raise ValueError(f"load_partial: {name}: the model trains other columns than the adapter (different seed/fraction)")
+            raise ValueError(f"load_partial: {name}: the model trains other columns than the adapter (different seed, fraction or r)")
         with torch.no_grad():
             m.paca_weight.copy_(cols.to(m.paca_weight.dtype))
             m.weight.index_copy_(1, m.paca_index, m.paca_weight.to(m.weight.dtype))

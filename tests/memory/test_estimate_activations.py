@@ -87,6 +87,7 @@ SPARSITY = [
     ("loss_tokens", {"loss_tokens": {"enabled": True, "chunk_size": 16}}, "sdpa", True, 0.5),
     ("partial", {"partial": {"enabled": True, "fraction": 0.25}}, "sdpa", False, 1.0),
     ("partial", {"partial": {"enabled": True, "fraction": 0.25}}, "eager", True, 1.0),
+    ("partial r", {"partial": {"enabled": True, "r": 5}}, "sdpa", False, 1.0),
     ("sampled_linear", {"sampled_linear": {"enabled": True, "keep": 0.3}}, "eager", False, 1.0),
     ("token_elimination", {"token_elimination": {"enabled": True, "keep_ratio": 0.5}}, "sdpa", False, 0.25),
     ("elimination+loss_tokens", {"token_elimination": {"enabled": True, "keep_ratio": 0.5},

@@ -212,10 +212,11 @@ def _assert_adapter_plan_exact(e, model, grads, opt):
     assert e.gradients == grads
     assert e.optimizer_state == optimizer_state_bytes(opt)
 
-def test_partial_connections_exact():
+@pytest.mark.parametrize("cols", [{"fraction": 0.25}, {"r": 5}])
+def test_partial_connections_exact(cols):
     from efft.sparsity import partial_modules
 
-    rd = recipe(tiny_block("llama"), batch=1, seq=8, sparsity={"partial": {"enabled": True, "fraction": 0.25}})
+    rd = recipe(tiny_block("llama"), batch=1, seq=8, sparsity={"partial": {"enabled": True, **cols}})
     r, cfg, model = build(rd)  # installs PaCA from the recipe's sparsity section
     assert len(partial_modules(model)) == 14
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

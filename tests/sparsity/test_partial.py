@@ -117,3 +117,22 @@ def test_finetune_quality_close_to_full_finetuning():
     print(f"held-out loss: start {start:.3f} full FT {full:.3f} PaCA {part:.3f}")
     assert part <= full + 0.15
     assert part <= 0.2 * start
+
+
+def test_r_trains_that_many_columns_per_weight():
+    """``r`` (PaCA's rank, peft's name) fixes the trained columns per weight, capped at in_features;
+    fraction and r together, or a bad r, are refused (also by the recipe check, every problem listed)."""
+    from efft.sparsity import sparsity_problems
+
+    model = apply_partial(tiny_model("llama"), r=5, seed=1)
+    mods = partial_modules(model)
+    assert mods and all(m.paca_weight.shape == (m.out_features, min(5, m.in_features)) for m in mods.values())
+    assert model._efft_partial["r"] == 5
+    tiny = apply_partial(nn.Sequential(nn.Linear(3, 4)), r=8)
+    assert tiny[0].paca_weight.shape == (4, 3)
+    with pytest.raises(ValueError, match="not both"):
+        apply_partial(tiny_model("llama"), fraction=0.1, r=4)
+    with pytest.raises(ValueError, match="r must be an integer"):
+        apply_partial(tiny_model("llama"), r=0)
+    probs = dict(sparsity_problems({"partial": {"enabled": True, "fraction": 2.0, "r": 0}}))
+    assert set(probs) == {"sparsity.partial.fraction", "sparsity.partial.r", "sparsity.partial"}
