@@ -41,7 +41,7 @@ def check_recipe(recipe: Recipe) -> None:
 
 def sparsity_enabled(recipe: Recipe) -> bool:
     s = recipe.sparsity
-    return any(getattr(s, k).enabled for k in ("loss_tokens", "token_elimination", "sampled_linear", "partial"))
+    return any(getattr(s, k).enabled for k in ("loss_tokens", "token_elimination", "sampled_linear", "partial", "recompute"))
 
 
 def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:

@@ -286,11 +286,20 @@ class PartialConfig(Section):
     seed: int = 0
 
 
+class RecomputeConfig(Section):
+    """Exact recompute in backward of the norms' outputs and the gated MLP's activation (efft.sparsity.recompute)."""
+
+    enabled: bool = False
+    norms: bool = Field(True, description="Norms keep only their input; their output is recomputed in backward.")
+    gated_mlp: bool = Field(True, description="Gated MLPs keep gate and up only; act(gate) is recomputed in backward.")
+
+
 class SparsityConfig(Section):
     loss_tokens: LossTokensConfig = Field(default_factory=LossTokensConfig)
     token_elimination: TokenEliminationConfig = Field(default_factory=TokenEliminationConfig)
     sampled_linear: SampledLinearConfig = Field(default_factory=SampledLinearConfig)
     partial: PartialConfig = Field(default_factory=PartialConfig)
+    recompute: RecomputeConfig = Field(default_factory=RecomputeConfig)
 
 
 # -------------------------------------------------------------------------------------------- offload

@@ -9,6 +9,8 @@ FAMILIES = {
     "qwen2": "Qwen2Config",
     "mistral": "MistralConfig",
     "gemma": "GemmaConfig",
+    "gemma2": "Gemma2Config",
+    "qwen3": "Qwen3Config",
     "gpt2": "GPT2Config",
 }
 
@@ -22,7 +24,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 256, hidden: int = 64, 
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=512,
         )
-        if family == "gemma":
+        if family in ("gemma", "gemma2", "qwen3"):
             base["head_dim"] = hidden // heads
     base.update(kw)
     return cls(**base)

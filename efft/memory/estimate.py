@@ -360,6 +360,8 @@ def activation_bytes(
     autocast_bytes: Optional[int] = None,
     partial: tuple = (None, None),
     te_extra_per_token: int = 0,
+    recompute_norms: bool = False,
+    recompute_mlp: bool = False,
 ) -> dict[str, int]:
     """Bytes saved for backward (live peak) by a llama-like causal LM, component by component.
 
@@ -368,7 +370,9 @@ def activation_bytes(
     the rank-r product), ``partial`` (PaCA: saves only its trained input columns, a copy) or
     ``frozen`` (saves nothing of its input). Each saved storage counts once,
     as the tracker counts it. ``input_requires_grad``: the embedding output needs a gradient (the
-    embedding trains, or checkpointing made the inputs require grad).
+    embedding trains, or checkpointing made the inputs require grad). ``recompute_norms`` /
+    ``recompute_mlp`` (efft.sparsity.recompute): each norm keeps only its input; the gated MLP keeps
+    gate and up but not act(gate).
 
     Returns ``layer`` (one decoder layer), ``layers`` (all), ``head`` (final norm + LM head + loss),
     ``globals`` (token ids, rotary tables), ``forward`` (what is saved at the end of forward) and
@@ -382,12 +386,15 @@ def activation_bytes(
     e = dtype_bytes
     h, H, K, d, I, V = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim, arch.intermediate, arch.vocab
     b, s = batch, seq
+    mlp_inner = 2 if recompute_mlp else 3  # recompute: act(gate) is rebuilt in backward, not kept
 
     def norm(T: int, x_grad: bool, out_dtype_bytes: int = e) -> int:
         """RMSNorm: fp32 copy of x (= x itself in fp32), rsqrt; the normalized tensor when the
         weight trains (gemma: fp32 product with (1 + w), which also keeps (1 + w))."""
         if not x_grad and not norms_trainable:
             return 0
+        if recompute_norms:
+            return e * T * h  # its input only (the output is recomputed in backward)
         n = 0
         if x_grad:
             n += 4 * T * h + 4 * T
@@ -446,7 +453,7 @@ def activation_bytes(
             n += norm(T, True)  # post-attention norm on the attention output
         n += norm(T, True)  # pre-MLP norm
         n += linear_group(T, h, ("gate_proj", "up_proj"))
-        n += 3 * e * T * I  # gate output (activation input), activation output, up output
+        n += mlp_inner * e * T * I  # gate output (activation input), activation output, up output
         n += linear_group(T, I, ("down_proj",))
         if arch.norms_per_layer == 4:
             n += norm(T, True)  # post-feedforward norm
@@ -466,9 +473,9 @@ def activation_bytes(
         # the last block's MLP runs on label rows only (not combined with token elimination there)
         T_last = kept_T if (keep_ratio < 1 and arch.layers - 1 >= keep_start_layer) else T
         rows = min(T_last, max(1, int(round(T * label_fraction))))
-        mlp_full = (3 * e * T_last * I + linear_group(T_last, I, ("down_proj",))
+        mlp_full = (mlp_inner * e * T_last * I + linear_group(T_last, I, ("down_proj",))
                     + linear_group(T_last, h, ("gate_proj", "up_proj")))
-        mlp_rows = 3 * e * rows * I + linear_group(rows, I, ("down_proj",)) + linear_group(rows, h, ("gate_proj", "up_proj"))
+        mlp_rows = mlp_inner * e * rows * I + linear_group(rows, I, ("down_proj",)) + linear_group(rows, h, ("gate_proj", "up_proj"))
         per_layer[-1] -= mlp_full - mlp_rows
     layers_total = sum(per_layer)
 
@@ -504,10 +511,10 @@ def activation_bytes(
     inputs = arch.layers * e * T * h
     ck_fwd = inputs + head + (8 * T if embed_trainable else 0)
     recompute = max(per_layer) + rope
-    if e == 4:
-        recompute -= 4 * T * h  # the first norm keeps the (fp32) layer input itself: shared storage
+    shared_in = e * T * h if (e == 4 or recompute_norms) else 0
+    recompute -= shared_in  # the first norm keeps the (fp32) layer input itself: shared storage
     # while layer i recomputes, inputs of layers 0..i are alive (later ones were freed)
-    during = max(((i + 1) * e * T * h + per_layer[i] + rope - (4 * T * h if e == 4 else 0)) for i in range(arch.layers)) \
+    during = max(((i + 1) * e * T * h + per_layer[i] + rope - shared_in) for i in range(arch.layers)) \
         if arch.layers else 0
     out.update(forward=ck_fwd, checkpoint_inputs=inputs, recompute=recompute,
                peak=max(ck_fwd, during + (8 * T if embed_trainable else 0)))
@@ -988,6 +995,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
     sampled = sp.sampled_linear.keep if sp.sampled_linear.enabled else 1.0
     if sp.sampled_linear.enabled:
         notes.append("sampled-activation linears: saved inputs scaled by keep (approximate)")
+    rc = sp.recompute
     b, s = t.per_device_train_batch_size, r.data.max_seq_length
     act = activation_bytes(
         arch, b, s, dtype_bytes=e, attn=r.model.attn_implementation, linears=kinds, lora_r=a.r, lora_bytes=4,
@@ -995,6 +1003,7 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
         input_requires_grad=input_grad, checkpointing=ckpt, loss_tokens=sp.loss_tokens.enabled,
         label_fraction=label_fraction, keep_ratio=keep, keep_start_layer=te.start_layer, sampled_keep=sampled,
         autocast_bytes=autocast, partial=(sp.partial.fraction, sp.partial.r), te_extra_per_token=te_extra,
+        recompute_norms=rc.enabled and rc.norms, recompute_mlp=rc.enabled and rc.gated_mlp,
     )
     activations = act["peak"]
     if off.activations and s >= off.min_seq_length:

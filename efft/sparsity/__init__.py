@@ -9,6 +9,8 @@ quantization and adapters (load -> quantize -> adapter -> sparsity -> optimizer)
 - ``sampled_linear``: WTA-CRS weight gradients from sampled input rows (unbiased).
 - ``partial``: PaCA, trained input columns in place of an adapter (exact for what it trains);
   ``save_partial`` / ``load_partial`` / ``merge_partial`` handle its small adapter file.
+- ``recompute``: norms keep only their input and gated MLPs only gate and up; the rest is
+  recomputed in backward (exact).
 
 Every value is checked before anything is installed; a bad value or a model the generic code
 cannot handle raises ValueError naming the recipe key.
@@ -22,6 +24,7 @@ from torch import nn
 from .label_rows import LABEL_ROWS_KEY, LabelRows, LabelRowsCollator
 from .loss_tokens import apply_loss_tokens, head_cross_entropy, remove_loss_tokens
 from .partial import apply_partial, load_partial, merge_partial, partial_modules, save_partial
+from .recompute import apply_recompute, remove_recompute
 from .sampled_linear import apply_sampled_linear, sampled_modules
 from .token_elimination import apply_token_elimination
 
@@ -29,10 +32,10 @@ __all__ = [
     "apply_sparsity", "sparsity_problems", "apply_loss_tokens", "remove_loss_tokens", "head_cross_entropy",
     "LabelRows", "LabelRowsCollator", "LABEL_ROWS_KEY",
     "apply_token_elimination", "apply_sampled_linear", "sampled_modules", "apply_partial", "save_partial",
-    "load_partial", "merge_partial", "partial_modules",
+    "load_partial", "merge_partial", "partial_modules", "apply_recompute", "remove_recompute",
 ]
 
-SECTIONS = ("loss_tokens", "token_elimination", "sampled_linear", "partial")
+SECTIONS = ("loss_tokens", "token_elimination", "sampled_linear", "partial", "recompute")
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -56,7 +59,7 @@ def sparsity_problems(cfg: Any) -> list[tuple[str, str]]:
         unknown = set(cfg) - set(SECTIONS)
         if unknown:
             p.append(("sparsity", f"unknown method(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}"))
-    lt, te, sl, pa = (_get(cfg, s) for s in SECTIONS)
+    lt, te, sl, pa, rc = (_get(cfg, s) for s in SECTIONS)
     if _get(lt, "enabled", False):
         c = _get(lt, "chunk_size", 1024)
         if not (isinstance(c, int) and not isinstance(c, bool) and c > 0):
@@ -93,6 +96,14 @@ def sparsity_problems(cfg: Any) -> list[tuple[str, str]]:
         if _get(sl, "enabled", False):
             p.append(("sparsity.sampled_linear.enabled", "cannot be combined with sparsity.partial: PaCA already keeps only "
                       "its trained columns of each input, and its base weights do not train (choose one)"))
+    if _get(rc, "enabled", False):
+        flags = {k: _get(rc, k, True) for k in ("norms", "gated_mlp")}
+        for k, v in flags.items():
+            if not isinstance(v, bool):
+                p.append((f"sparsity.recompute.{k}", f"must be true or false, got {v!r}"))
+        if flags["norms"] is False and flags["gated_mlp"] is False:
+            p.append(("sparsity.recompute", "enabled with norms and gated_mlp both false: nothing to recompute "
+                      "(set one of them to true, or enabled: false)"))
     return p
 
 
@@ -100,7 +111,8 @@ def apply_sparsity(model: nn.Module, cfg: Any) -> nn.Module:
     """Install the enabled sparsity methods on ``model`` (a transformers causal LM, possibly
     quantized and/or peft-wrapped) and return it (the same object).
 
-    Order: loss-token skipping (checked against the model's own loss on a short input), token
+    Order: recompute (innermost: the module classes of norms and MLPs; the wrappers installed
+    after it call them), loss-token skipping (checked against the model's own loss on a short input), token
     elimination, PaCA, WTA-CRS. Raises ValueError listing every bad value before installing
     anything, or naming the method and the model when the generic code cannot handle it.
     """
@@ -108,9 +120,11 @@ def apply_sparsity(model: nn.Module, cfg: Any) -> nn.Module:
     if problems:
         lines = "\n".join(f"  - {k}: {m}" for k, m in problems)
         raise ValueError(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in the sparsity section:\n{lines}")
-    lt, te, sl, pa = (_get(cfg, s) for s in SECTIONS)
+    lt, te, sl, pa, rc = (_get(cfg, s) for s in SECTIONS)
     if _get(te, "enabled", False):
         _check_elimination_model(model, te)
+    if _get(rc, "enabled", False):
+        apply_recompute(model, norms=_get(rc, "norms", True), gated_mlp=_get(rc, "gated_mlp", True))
     if _get(lt, "enabled", False):
         apply_loss_tokens(model, chunk_size=_get(lt, "chunk_size", 1024))
     if _get(te, "enabled", False):

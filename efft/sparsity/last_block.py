@@ -156,7 +156,10 @@ def _wrap_rowwise(module: nn.Module, name: str, block: LastBlock, mode: str) -> 
     backward instead of a gathered copy). A module that turns out to return something else than
     rows is unwrapped and runs on every row from then on.
     """
-    orig = module.forward
+    own = module.__dict__.get("forward")  # an instance-level wrapper installed before this one
+
+    def orig(*args, **kwargs):  # the class's forward looked up per call: efft.sparsity.recompute may swap the class later
+        return own(*args, **kwargs) if own is not None else type(module).forward(module, *args, **kwargs)
 
     def forward(x, *args, **kwargs):
         rows = block.rows
@@ -183,7 +186,10 @@ def _wrap_rowwise(module: nn.Module, name: str, block: LastBlock, mode: str) -> 
 
     def unwrap():
         if module.__dict__.get("forward") is forward:
-            del module.forward
+            if own is not None:
+                module.forward = own
+            else:
+                del module.forward
         if name in block.modules:
             block.modules.remove(name)
 

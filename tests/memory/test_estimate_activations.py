@@ -131,3 +131,30 @@ def test_activations_under_bf16_autocast(ckpt):
         loss.backward()
     pred = est.estimate(rd).details["activation_parts"]["peak"]
     assert abs(pred - c.peak_bytes) <= TOL * c.peak_bytes, (pred, c.peak_bytes)
+
+
+RECOMPUTE = [
+    ("full", {}, "sdpa", False, "float32", 1.0),
+    ("full", {}, "eager", True, "float32", 1.0),
+    ("full", {}, "sdpa", False, "bfloat16", 1.0),
+    ("lora", {"adapter": {"type": "lora", "r": 8}}, "sdpa", False, "float32", 1.0),
+    ("lora", {"adapter": {"type": "lora", "r": 8}}, "eager", True, "bfloat16", 1.0),
+    ("full+loss_tokens", {"sparsity": {"loss_tokens": {"enabled": True, "chunk_size": 16}}}, "sdpa", False, "float32", 0.5),
+]
+
+
+@pytest.mark.parametrize("name,sections,attn,ckpt,dtype,label_fraction", RECOMPUTE)
+def test_activations_with_recompute(name, sections, attn, ckpt, dtype, label_fraction):
+    """sparsity.recompute: the estimate within 10% of the measured bytes, and its predicted saving
+    (recompute off minus on) equal to the measured saving within 5%."""
+    res = []
+    for on in (False, True):
+        s = {k: dict(v) for k, v in sections.items()}
+        if on:
+            s.setdefault("sparsity", {})["recompute"] = {"enabled": True}
+        rd = recipe(tiny_block("llama", layers=3), 2, 32, attn, ckpt, dtype=dtype, **s)
+        res.append(measure_activations(rd, label_fraction=label_fraction))
+    (pred_off, meas_off), (pred, meas) = res
+    assert abs(pred - meas) <= TOL * meas, (pred, meas)
+    saved, saved_pred = meas_off - meas, pred_off - pred
+    assert saved > 0 and abs(saved_pred - saved) <= 0.05 * saved, (saved_pred, saved)
