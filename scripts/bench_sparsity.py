@@ -39,14 +39,16 @@ METHODS = {
     "loss_tokens": {"loss_tokens": {}},
     "token_elimination": {"token_elimination": TE},
     "sampled_linear": {"sampled_linear": {"keep": 0.3}},
-    "combined": {"loss_tokens": {}, "token_elimination": TE, "sampled_linear": {"keep": 0.3}},
+    "recompute": {"recompute": {}},
+    "combined": {"loss_tokens": {}, "token_elimination": TE, "sampled_linear": {"keep": 0.3}, "recompute": {}},
 }
 # frozen base: LoRA (alone, with WTA-CRS on its lora_A/lora_B, with everything) vs PaCA at the same
 # trained parameter count
 ADAPTER_METHODS = {
     "lora": {},
     "lora+sampled_linear": {"sampled_linear": {"keep": 0.3}},
-    "lora+combined": {"loss_tokens": {}, "token_elimination": TE, "sampled_linear": {"keep": 0.3}},
+    "lora+recompute": {"recompute": {}},
+    "lora+combined": {"loss_tokens": {}, "token_elimination": TE, "sampled_linear": {"keep": 0.3}, "recompute": {}},
     "partial": {"partial": {}},
     "partial+loss_tokens+token_elimination": {"partial": {}, "loss_tokens": {}, "token_elimination": TE},
 }
@@ -58,7 +60,8 @@ LONG_METHODS = {
     "token_elimination": {"token_elimination": TE},
     "token_elimination (unbiased)": {"token_elimination": dict(TE, unbiased=True)},
     "loss_tokens+token_elimination": {"loss_tokens": {}, "token_elimination": TE},
-    "combined": {"loss_tokens": {}, "token_elimination": TE, "sampled_linear": {"keep": 0.3}},
+    "recompute": {"recompute": {}},
+    "combined": {"loss_tokens": {}, "token_elimination": TE, "sampled_linear": {"keep": 0.3}, "recompute": {}},
 }
 
 
@@ -217,7 +220,8 @@ def write_card(res, q, args, device_desc, path, commands):
           + ("; CUDA peak = max allocated in a step" if peak else "")
           + f". Step = median forward+backward of {args.reps} timed steps (1 above seq {args.long}) after a metered one.", ""]
     L += ["Settings: loss_tokens chunk 1024; token_elimination keep 0.5 from layer 1 (top-k by score); sampled_linear "
-          "(WTA-CRS) keep 0.3, half of it deterministic; combined = the three together. Frozen-base table: LoRA "
+          "(WTA-CRS) keep 0.3, half of it deterministic; recompute: norms and the gated MLP's act(gate) recomputed in "
+          "backward (exact); combined = the four together. Frozen-base table: LoRA "
           f"r={args.lora_r} on all linear layers vs PaCA training the same number of parameters "
           f"(fraction {2 * args.lora_r / args.hidden:.3f} of input columns).", ""]
 
@@ -280,6 +284,12 @@ def write_card(res, q, args, device_desc, path, commands):
           f"| PaCA vs LoRA | -16% memory, -22% time | {100 * (1 / ratio('partial', 'lora') - 1):+.0f}% memory "
           f"({100 * (1 / ratio('partial', 'lora', 'layer_bytes') - 1):+.0f}% layers), "
           f"{100 * (1 / ratio('partial', 'lora', 'step_s') - 1):+.0f}% time |",
+          f"| recompute, full fine-tuning (vs dense): norms + act(gate) rebuilt in backward | LeMo recomputes the "
+          "post-attention norm, WTA-CRS uses an in-place LayerNorm (both inside their headline numbers) | "
+          f"{ratio('recompute'):.2f}x less ({ratio('recompute', key='layer_bytes'):.2f}x), "
+          f"{ratio('recompute', key='step_s'):.2f}x speed |",
+          f"| recompute on LoRA (vs LoRA) | - | {ratio('lora+recompute', 'lora'):.2f}x less "
+          f"({ratio('lora+recompute', 'lora', 'layer_bytes'):.2f}x), {ratio('lora+recompute', 'lora', 'step_s'):.2f}x speed |",
           f"| combined, full fine-tuning (vs dense) | - | {ratio('combined'):.2f}x less, {ratio('combined', key='step_s'):.2f}x speed |",
           f"| LoRA + combined (vs LoRA) | - | {ratio('lora+combined', 'lora'):.2f}x less, "
           f"{ratio('lora+combined', 'lora', 'step_s'):.2f}x speed |", ""]
@@ -316,7 +326,11 @@ def write_card(res, q, args, device_desc, path, commands):
           "sampling at the same budget; input and bias gradients exact; linear saved bytes at keep 0.3 ~3.2x below "
           "dense (<= 1/2.5 required) |",
           "| partial | exact for what it trains | column gradients = the dense weight gradient's columns; "
-          "save/load/merge round trip gives identical logits |", ""]
+          "save/load/merge round trip gives identical logits |",
+          "| recompute | exact | loss and every gradient = the unpatched model's within 1e-5 relative in fp32 (2e-2 bf16): "
+          "llama, qwen2, mistral, gemma, gemma2, qwen3, gpt2 (norms only), peft LoRA, QLoRA, PEQA, int8-trainable, "
+          "checkpointing, loss_tokens (either order), token elimination, activation offload; with sampled_linear the same "
+          "samples and gradients as without; a llama fp32 layer saves exactly dense - 2 (4Th + 4T) - 4TI bytes |", ""]
     L += ["## Not done / limits", "",
           "- Last block: the query projection, rotary embedding, input norm and residual additions still run on every "
           "position (they sit in the model's own forward); sdpa called without a mask (no padding, no packing, no short "

@@ -41,6 +41,9 @@ CASES = {
     "qlora": ({"quant": NF4, "adapter": {"type": "lora", "r": 4, "lora_alpha": 8}, "generate": GENERATE,
                "train": {"gradient_checkpointing": True, **SAVE_2}}, "qlora", 28),
     "peqa": ({"quant": NF4, "adapter": {"type": "peqa"}, "train": SAVE_2}, "peqa", 14),
+    # exact activation recompute (norms, gated MLP) under sharded parameters and checkpointing: equals dense
+    "full_recompute": ({"generate": GENERATE, "sparsity": {"recompute": {"enabled": True}},
+                        "train": {"gradient_checkpointing": True}}, "full", 21),
     # equals plain torch AdamW in one process
     "offload_optimizer": ({"offload": {"optimizer": True}, "generate": GENERATE, "train": SAVE_2}, "full", 21),
 }

@@ -380,3 +380,27 @@ def test_recompute_fn_reenters_the_forwards_autocast_state():
         res.append((xi.grad.clone(), lin.weight.grad.clone(), lin.bias.grad.clone()))
     for a, b in zip(*res):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_efft_validate_and_train_refuse_bad_recompute_sections(data_path, tmp_path, capsys):
+    """``efft validate`` lists every bad recompute value with its path; ``efft train`` on a model with
+    nothing to patch stops with the reason before any training step."""
+    import yaml
+
+    from efft.cli import main
+    from efft.train import train
+    from tests.test_train import recipe as train_recipe
+
+    d = train_recipe(data_path, tmp_path / "bad", max_steps=1).model_dump(mode="json")
+    d["sparsity"] = {"recompute": {"enabled": True, "norms": False, "gated_mlp": False}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["validate", str(path)]) == 2
+    assert "sparsity.recompute: enabled with norms and gated_mlp both false" in capsys.readouterr().err
+
+    d["model"] = {"config": {"model_type": "gpt2", "vocab_size": 320, "n_embd": 32, "n_layer": 2, "n_head": 4}}
+    d["sparsity"] = {"recompute": {"enabled": True, "norms": False}}
+    steps = []
+    with pytest.raises(ValueError, match=r"sparsity.recompute: nothing to recompute in GPT2LMHeadModel.*GPT2MLP is not gated"):
+        train(validate(d), trainer_hook=lambda tr: steps.append(tr))
+    assert not steps  # refused while preparing the model, before a Trainer exists
