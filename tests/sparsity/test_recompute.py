@@ -282,6 +282,10 @@ def test_mlp_whose_forward_differs_is_left_alone():
 def test_remove_restores_classes():
     dense = tiny_model("llama")
     model = apply_recompute(copy.deepcopy(dense))
+    before = copy.deepcopy(recompute_state(model))
+    assert recompute_state(apply_recompute(model)) == before  # applied twice: nothing patched twice
+    swapped = [m for m in model.modules() if hasattr(type(m), "_efft_base_class")]
+    assert len(swapped) == 7 and all(type(m).__base__ is type(m)._efft_base_class for m in swapped)  # one level deep
     remove_recompute(model)
     assert [type(m) for m in model.modules()] == [type(m) for m in dense.modules()]
     assert recompute_state(model) is None
