@@ -32,13 +32,18 @@ class LabelRows:
     ignored. ``positions``: (batch, K) the same positions per batch row, for the last block's
     attention queries; rows with fewer than K are padded by repeating their last label position
     (seq-1 for a row without labels), whose outputs are dropped. ``slots``: for each entry of
-    ``rows``, its flat index into batch*K. ``shape``: the (batch, seq) they index.
+    ``rows``, its flat index into batch*K. ``shape``: the (batch, seq) they index. ``span``: Python
+    ints (first, last + 1) of the label positions over the whole batch, known only when built from
+    host labels with ``tight`` (the collator; None otherwise: on a device it would be a host read); the last block's unmasked
+    sdpa call computes the queries of that span.
     """
 
-    __slots__ = ("rows", "positions", "slots", "shape")
+    __slots__ = ("rows", "positions", "slots", "shape", "span")
 
-    def __init__(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, shape: tuple[int, int]):
+    def __init__(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, shape: tuple[int, int],
+                 span: Optional[tuple[int, int]] = None):
         self.rows, self.positions, self.slots, self.shape = rows, positions, slots, tuple(shape)
+        self.span = span
 
     @classmethod
     def from_shifted(cls, shifted: torch.Tensor, ignore_index: int = IGNORE_INDEX, tight: bool = True) -> "LabelRows":
@@ -65,7 +70,8 @@ class LabelRows:
         rank = valid.cumsum(1) - 1  # a label position's index among its row's labels
         rows = where[:, 0] * s + where[:, 1]
         slots = where[:, 0] * k + rank[where[:, 0], where[:, 1]]
-        return cls(rows, order, slots, (b, s))
+        span = (int(where[:, 1].min()), int(where[:, 1].max()) + 1) if n and tight and shifted.device.type == "cpu" else None
+        return cls(rows, order, slots, (b, s), span)
 
     @classmethod
     def from_labels(cls, labels: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
@@ -79,12 +85,12 @@ class LabelRows:
 
     def to(self, device=None, non_blocking: bool = False, **_: Any) -> "LabelRows":
         t = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731
-        return LabelRows(t(self.rows), t(self.positions), t(self.slots), self.shape)
+        return LabelRows(t(self.rows), t(self.positions), t(self.slots), self.shape, self.span)
 
     def pin_memory(self, *args: Any) -> "LabelRows":
         """DataLoader(pin_memory=True) calls this, so the copy to the device can be asynchronous."""
         p = lambda x: x.pin_memory(*args)  # noqa: E731
-        return LabelRows(p(self.rows), p(self.positions), p(self.slots), self.shape)
+        return LabelRows(p(self.rows), p(self.positions), p(self.slots), self.shape, self.span)
 
     def __repr__(self) -> str:
         return f"LabelRows(count={self.count}, shape={self.shape}, per_row={self.positions.shape[1]})"

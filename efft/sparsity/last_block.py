@@ -9,18 +9,28 @@ the label positions after it. Everything else it does there is wasted, so, for t
   gets the queries of the label rows only, with the matching rows of the mask; keys and values are
   those of all positions. Installed through transformers' attention-function registry: the last
   block's attention module gets a copy of the config naming :data:`ATTENTION_NAME`, whose function
-  calls the implementation the model's own config names at call time. Not when sdpa gets no mask
-  (no padding, no packing, no short sliding window: transformers then relies on ``is_causal``):
-  label rows as queries need a mask, which the dense call does not build (a materialized
-  queries x seq mask on CPU and without the CUDA flash kernel, and k/v repeated per head for GQA),
-  so that call stays whole (the rows after it still go on label rows only, but the output
-  projection, which reads a view of what sdpa keeps, runs on every row).
+  calls the implementation the model's own config names at call time. When sdpa gets no mask (no
+  padding, no packing, no short sliding window: transformers then relies on ``is_causal``), label
+  rows as queries would need a queries x seq mask the dense call never builds; instead the queries
+  of the label span [first, last] of the batch are computed against the keys [0, last] with the
+  causal mask aligned to the lower right (``torch.nn.attention.bias.causal_lower_right``: CUDA's flash
+  and memory-efficient kernels take it without a materialized mask; GQA without repeated k/v). This
+  needs the span as host ints, which the collator's label rows carry; without them (rows found on
+  the device) that call stays whole. On CPU the lower-right mask is materialized, which at small
+  hidden sizes outweighs the rows it saves, so there the call stays whole unless
+  :data:`UNMASKED_SDPA_ON_CPU` is set (the tests set it to check the path exactly).
 - every module that runs after the attention scores inside the block (the output projection, the
   post-attention norms, the MLP, dropouts) runs on the label rows only: found at run time as the
   children of the attention module and of the block that are called after the attention function
   (pruned to those after the apply-time check forward). The output projection reads the attention's
   compact output (one row per query it computed), a view of what the attention keeps for backward,
   rather than a gathered copy.
+
+Still on every row: the input norm and the key/value projections (their keys and values are
+needed), and the query projection with its rotary embedding. Restricting the query projection saves
+one of the block's seven matmuls on the unlabeled rows, but its input is the normed hidden state
+the key/value projections keep anyway, so its label rows gathered would be an extra copy kept for
+its weight gradient: more memory for a small share of one layer's compute.
 
 The outputs of the rows without labels are zeros. They must be finite, not merely unused: the
 block's residual additions (inside the model's own forward, not reachable generically) and the
@@ -48,6 +58,11 @@ from torch import nn
 from .label_rows import LabelRows
 
 ATTENTION_NAME = "efft_label_rows"
+# sdpa without a mask: restrict it to the label span on CPU too (off: on CPU the span's causal mask is
+# materialized, and at small hidden sizes it outweighs the rows it saves; tests switch it on)
+UNMASKED_SDPA_ON_CPU = False
+_SPAN_KWARGS = frozenset({"dropout", "scaling", "is_causal", "sliding_window", "position_ids", "output_attentions",
+                          "use_cache", "cache_position", "past_key_values", "past_key_value"})
 _RESTRICTABLE = ("eager", "sdpa")
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -58,7 +73,7 @@ class LastBlock:
     def __init__(self):
         self.rows: Optional[LabelRows] = None  # on the model's device; None: every module runs on all rows
         self.after_attention = False  # set once the block's attention has run in this (re)computation
-        self.stash: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (scattered, compact) attention output
+        self.stash: Optional[tuple] = None  # (scattered, compact, label rows among compact's) attention output
         self.attention: Optional[nn.Module] = None  # the attention module whose queries are restricted
         self.modules: list[str] = []  # names (under the block) of the modules run on label rows
         self.ran: set[str] = set()  # of those, the ones that did so since the last prune()
@@ -117,6 +132,10 @@ def label_rows_attention(module: nn.Module, query, key, value, attention_mask, *
     usable = (rows is not None and impl in _RESTRICTABLE and rows.shape == (b, q_len) and key.shape[2] == q_len
               and not causal_kernel and (mask is None or (mask.dim() == 4 and mask.shape[2] in (1, q_len))))
     block.stash = None
+    if (causal_kernel and rows is not None and rows.span is not None and rows.shape == (b, q_len) and key.shape[2] == q_len
+            and (query.device.type != "cpu" or UNMASKED_SDPA_ON_CPU) and set(kwargs) <= _SPAN_KWARGS
+            and (kwargs.get("sliding_window") or q_len) >= q_len):
+        return _span_attention(module, block, rows, query, key, value, kwargs)
     if not usable:
         block.query_rows = b * q_len
         out = fn(module, query, key, value, attention_mask, **kwargs)
@@ -133,11 +152,45 @@ def label_rows_attention(module: nn.Module, query, key, value, attention_mask, *
     q = query.transpose(1, 2).reshape(b * q_len, heads, dim).index_select(0, flat).view(b, k, heads, dim).transpose(1, 2)
     out, _ = fn(module, q, key, value, mask, **kwargs)  # (B, K, heads, head_dim)
     compact = out.reshape(b * k, -1)  # a view of what the attention keeps for backward (sdpa: its output)
-    picked = compact if b * k == rows.count else compact.index_select(0, rows.slots)
+    pick = None if b * k == rows.count else rows.slots
+    return _scatter(block, rows, compact, pick, b, q_len, out.shape[2:])
+
+
+def _scatter(block: LastBlock, rows: LabelRows, compact: torch.Tensor, pick: Optional[torch.Tensor], b: int, q_len: int, tail):
+    """The attention output on every row (zeros off the label rows) from ``compact`` (one row per
+    query computed; ``pick``: where the label rows are among them, None when they are all of them)."""
+    picked = compact if pick is None else compact.index_select(0, pick)
     full = picked.new_zeros(b * q_len, picked.shape[1]).index_put((rows.rows,), picked)  # keeps only the index
-    block.stash = (full, compact)  # the output projection reads ``compact`` when it gets ``full``
+    block.stash = (full, compact, pick)  # the output projection reads ``compact`` when it gets ``full``
     block.after_attention = True
-    return full.view(b, q_len, *out.shape[2:]), None
+    return full.view(b, q_len, *tail), None
+
+
+def _span_attention(module: nn.Module, block: LastBlock, rows: LabelRows, query, key, value, kwargs):
+    """sdpa without a mask (is_causal) on the queries of the label span [a, e) only, against the keys
+    and values [0, e): the causal mask aligned to the lower right (``causal_lower_right``), which CUDA's
+    flash and memory-efficient kernels take without a materialized mask. Same call as transformers'
+    sdpa function (its dropout and scaling, GQA without repeated k/v); the span's q and k/v are copied
+    when they are slices, so sdpa keeps only the span's rows for backward."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    b, _, q_len, _ = query.shape
+    a, e = rows.span
+    q = query[:, :, a:e]
+    k, v = (key, value) if e == q_len else (key[:, :, :e].contiguous(), value[:, :, :e].contiguous())
+    if a > 0:
+        q = q.contiguous()
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(e - a, e), dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"),
+        enable_gqa=groups > 1)  # (B, H, L, D)
+    span = e - a
+    block.query_rows = b * span
+    out = out.transpose(1, 2).contiguous()  # (B, L, H, D), as transformers' sdpa function returns it
+    compact = out.view(b * span, -1)
+    # label row r = i * q_len + p sits at compact row i * span + (p - a)
+    pick = None if b * span == rows.count else rows.rows - (rows.rows // q_len) * (q_len - span) - a
+    return _scatter(block, rows, compact, pick, b, q_len, out.shape[2:])
 
 
 def _register() -> None:
@@ -166,8 +219,9 @@ def _wrap_rowwise(module: nn.Module, name: str, block: LastBlock, mode: str) -> 
         if (rows is None or args or kwargs or not torch.is_tensor(x) or x.dim() != 3 or tuple(x.shape[:2]) != rows.shape
                 or (mode == "after" and not block.after_attention)):
             return orig(x, *args, **kwargs)
+        pick = None
         if mode == "output":
-            full, compact = block.stash if block.stash is not None else (None, None)
+            full, compact, pick = block.stash if block.stash is not None else (None, None, None)
             if full is None or x.data_ptr() != full.data_ptr() or x.numel() != full.numel() or not x.is_contiguous():
                 return orig(x)
             block.stash = None
@@ -178,8 +232,8 @@ def _wrap_rowwise(module: nn.Module, name: str, block: LastBlock, mode: str) -> 
         if not (torch.is_tensor(y) and y.dim() == 2 and y.shape[0] == inp.shape[0]):
             unwrap()
             return orig(x)
-        if y.shape[0] != rows.count:  # padded query slots: keep the label rows' ones
-            y = y.index_select(0, rows.slots)
+        if pick is not None:  # padded query slots or the rest of a span: keep the label rows' ones
+            y = y.index_select(0, pick)
         block.ran.add(name)
         out = y.new_zeros((x.shape[0] * x.shape[1], y.shape[-1])).index_put((rows.rows,), y)  # index_copy would keep y
         return out.view(*x.shape[:2], y.shape[-1])

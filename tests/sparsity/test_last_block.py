@@ -68,8 +68,8 @@ def test_last_block_on_label_rows_equals_dense(family, impl):
 
 
 def test_sdpa_without_a_mask_keeps_its_causal_kernel():
-    """No padding: transformers gives sdpa no mask (is_causal). Label-row queries would need a
-    queries x seq mask the dense call never builds, so that call stays whole; the norms and the MLP
+    """No padding: transformers gives sdpa no mask (is_causal). On CPU (by default) the span's
+    lower-right causal mask would be materialized, so that call stays whole; the norms and the MLP
     after it still run on label rows."""
     dense = _model("qwen2", "sdpa").train()
     sparse = copy.deepcopy(dense)
@@ -179,3 +179,91 @@ def test_remove_restores_the_attention_config_and_forwards():
     remove_loss_tokens(model)
     assert layer.self_attn.config is config
     assert not [n for n, m in layer.named_modules() if "forward" in m.__dict__]
+
+
+def _span_batch(spans, seq=16, seed=7):
+    """One row per (first, end) span of shifted-label positions: labels[p + 1] set for p in [first, end)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (len(spans), seq), generator=g)
+    labels = torch.full_like(ids, -100)
+    for i, (a, e) in enumerate(spans):
+        labels[i, a + 1:e + 1] = ids[i, a + 1:e + 1]
+    return {"input_ids": ids, "labels": labels}
+
+
+SPAN_CASES = {
+    "suffix": [(8, 15), (10, 15)],
+    "middle": [(3, 9), (5, 12)],
+    "prefix": [(0, 6), (2, 4)],
+    "one-row": [(6, 11)],
+}
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("where", list(SPAN_CASES))
+def test_unmasked_sdpa_computes_the_label_span_only(monkeypatch, where, kv_heads):
+    """sdpa without a mask: the queries of the batch's label span [a, e) against keys [0, e) with the
+    lower-right causal mask equal the dense model (loss and every gradient), for spans at the end,
+    in the middle and at the start of the rows, MHA and GQA; the attention computes batch x span
+    query rows, and its module keeps fewer bytes for backward than the whole call."""
+    import efft.sparsity.last_block as lb
+
+    monkeypatch.setattr(lb, "UNMASKED_SDPA_ON_CPU", True)
+    dense = tiny_model("llama", hidden=32, heads=4, num_key_value_heads=kv_heads)
+    dense.config._attn_implementation = "sdpa"
+    dense.train()
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse, chunk_size=5)
+    sparse.train()
+    block = sparse._efft_loss_tokens.last_block
+    batch = _span_batch(SPAN_CASES[where])
+    indexed = with_label_rows(batch)
+    rows = indexed["efft_label_rows"]
+    a, e = rows.span
+    assert (a, e) == (min(x for x, _ in SPAN_CASES[where]), max(y for _, y in SPAN_CASES[where]))
+    ref, out = dense(**batch), sparse(**indexed)
+    assert block.query_rows == len(SPAN_CASES[where]) * (e - a) < len(SPAN_CASES[where]) * 16
+    assert {"mlp", "self_attn.o_proj"} <= block.ran
+    assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
+    ref.loss.backward()
+    out.loss.backward()
+    _assert_grads_equal(dense, sparse, TOL)
+    monkeypatch.setattr(lb, "UNMASKED_SDPA_ON_CPU", False)  # the CPU default: the call stays whole
+    whole = _attention_saved_bytes(sparse, with_label_rows(batch))
+    assert block.query_rows == len(SPAN_CASES[where]) * 16
+    monkeypatch.setattr(lb, "UNMASKED_SDPA_ON_CPU", True)
+    assert _attention_saved_bytes(sparse, with_label_rows(batch)) < whole
+
+
+def test_label_span_from_host_labels():
+    """Host label rows carry the span of their positions over the batch (Python ints; rows built on a
+    device carry none, since finding it there would be a host read); it survives .to()."""
+    from efft.sparsity.label_rows import LabelRows
+
+    shifted = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, -100]])
+    assert LabelRows.from_shifted(shifted).span == (1, 3)
+    assert LabelRows.from_shifted(shifted).to("cpu").span == (1, 3)
+    assert LabelRows.from_shifted(torch.full((1, 4), -100)).span is None
+
+
+def test_unmasked_sdpa_span_under_checkpointing_and_recompute(monkeypatch):
+    """The span path with gradient checkpointing (the block's forward runs again in backward) and
+    sparsity.recompute stacked on the same modules: still the dense loss and gradients."""
+    import efft.sparsity.last_block as lb
+    from efft.sparsity import apply_sparsity
+
+    monkeypatch.setattr(lb, "UNMASKED_SDPA_ON_CPU", True)
+    dense = tiny_model("qwen2", hidden=32, heads=4)
+    dense.config._attn_implementation = "sdpa"
+    sparse = copy.deepcopy(dense)
+    apply_sparsity(sparse, {"loss_tokens": {"enabled": True}, "recompute": {"enabled": True}})
+    for m in (dense, sparse):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    batch = _span_batch(SPAN_CASES["middle"], seed=9)
+    ref, out = dense(**batch), sparse(**with_label_rows(batch))
+    assert sparse._efft_loss_tokens.last_block.query_rows == 2 * (12 - 3)
+    ref.loss.backward()
+    out.loss.backward()
+    assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
+    _assert_grads_equal(dense, sparse, TOL)
