@@ -11,6 +11,7 @@ from efft.sparsity import (
     apply_loss_tokens, apply_sampled_linear, apply_sparsity, apply_token_elimination, sparsity_problems,
 )
 from efft.sparsity.recompute import apply_recompute, recompute_state, remove_recompute
+from tests.sparsity.saved import layer_saved
 from tests.tiny import tiny_batch, tiny_model
 
 # loss and gradients, relative to the reference tensor's largest magnitude
@@ -45,26 +46,9 @@ def _layers(model):
 
 
 def _layer_saved_bytes(model, batch, index=1):
-    """Bytes autograd saves inside decoder layer ``index``'s forward: a saved_tensors_hooks context
-    opened and closed by the layer's own hooks, each storage once, parameters excluded."""
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    layer = _layers(model)[index]
-    hooks = [layer.register_forward_pre_hook(lambda *a: ctx.__enter__()),
-             layer.register_forward_hook(lambda *a: ctx.__exit__(None, None, None))]
-    try:
+    """Bytes autograd saves inside decoder layer ``index``'s forward (storages once, parameters excluded)."""
+    with layer_saved(model, _layers(model)[index]) as seen:
         _step(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
     return sum(seen.values())
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from efft.sparsity.token_elimination import apply_token_elimination, choose_tokens
 from efft.memory.tracker import SavedTensorCounter
 from tests.sparsity.task import pretrained_base, train_losses
+from tests.sparsity.saved import layer_saved
 from tests.tiny import tiny_batch, tiny_model
 
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
@@ -183,25 +184,6 @@ def test_bad_config_raises():
         apply_token_elimination(nn.Linear(2, 2))
 
 
-def _layer_saved_bytes(model, layer):
-    """Bytes autograd saves inside one decoder layer's forward (the elimination wrapper included):
-    a saved_tensors_hooks context opened and closed by the layer's own forward hooks, each storage
-    counted once, parameters excluded."""
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    hooks = [layer.register_forward_pre_hook(lambda *a: ctx.__enter__()),
-             layer.register_forward_hook(lambda *a: ctx.__exit__(None, None, None))]
-    return seen, hooks
-
-
 @pytest.mark.parametrize("unbiased", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_eliminated_layer_saves_only_kept_tokens(family, unbiased):
@@ -217,11 +199,9 @@ def test_eliminated_layer_saves_only_kept_tokens(family, unbiased):
     sizes = []
     for m in (dense, model):
         layers = m.model.layers if family != "gpt2" else m.transformer.h
-        seen, hooks = _layer_saved_bytes(m, layers[1])
         m.train()
-        m(**batch, use_cache=False).loss.backward()  # gpt2 would otherwise keep a KV cache copy of k, v
-        for h in hooks:
-            h.remove()
+        with layer_saved(m, layers[1]) as seen:
+            m(**batch, use_cache=False).loss.backward()  # gpt2 would otherwise keep a KV cache copy of k, v
         sizes.append(sum(seen.values()))
     k = model._efft_token_elimination.last_kept[1].shape[1]
     assert k == s // 2
