@@ -93,6 +93,7 @@ def settings(args):
     }
     if HAS_RECOMPUTE:
         lemo["lora+elimination (LeMo schedule)+recompute"] = ({"r": 8, "targets": qkvo}, {"token_elimination": lemo_te, **RC})
+        lemo["lora+elimination (efft default)+recompute"] = ({"r": 8, "targets": qkvo}, {"token_elimination": efft_te, **RC})
         lemo["lora+elimination (LeMo schedule)+recompute+loss_tokens"] = (
             {"r": 8, "targets": qkvo}, {"token_elimination": lemo_te, "loss_tokens": {}, **RC})
         wta["wta-crs@0.3+recompute"] = (None, dict(lt, sampled_linear={"keep": 0.3}, **RC))
