@@ -265,9 +265,11 @@ def write_card(res, q, args, device_desc, path, commands):
         return a[key] / max(b[key], 1e-12)
 
     L += ["## Against the papers' targets", "",
-          f"At seq {big}. The papers report end-to-end GPU peak memory on 7B-class models; here the quantity is "
-          "activation bytes saved for backward on a tiny model on CPU (weights and optimizer state excluded), so the "
-          "numbers are comparable in kind only.", "",
+          f"At seq {big}. The papers report end-to-end GPU peak memory on 7B-class models against their own baselines; "
+          "here the quantity is activation bytes saved for backward on a tiny model on CPU (weights and optimizer state "
+          "excluded) against dense full fine-tuning, so the numbers are comparable in kind only. Each paper's own setting "
+          "(its baseline, sequence length, batch, and memory count) is rebuilt in "
+          "[sparsity-papers.md](sparsity-papers.md) (`scripts/bench_sparsity_papers.py`).", "",
           "| method | paper | here: saved bytes (layers only), step time |", "|---|---|---|",
           f"| LeMo token elimination (vs dense), seq {big}, 2 layers, 50% labels | 1.93x less memory, 1.36x faster | "
           f"{ratio('token_elimination'):.2f}x less ({ratio('token_elimination', key='layer_bytes'):.2f}x), "
@@ -313,18 +315,21 @@ def write_card(res, q, args, device_desc, path, commands):
           "fp32 (2e-2 in bf16): llama, qwen2, mistral, gemma, gpt2, gemma2 (softcapping), peft LoRA, transformers.Trainer "
           "with gradient accumulation (num_items_in_batch), label rows from the collator and found on the device; last "
           "block (attention queries, output projection, norms, MLP on label rows): llama, qwen2, mistral (sliding window "
-          "5), gemma, gpt2 in eager and masked sdpa (unmasked sdpa: the call kept whole, the rest on label rows), gemma2 (sliding window, attention softcapping, eager), with right- and "
+          "5), gemma, gpt2 in eager and masked sdpa (unmasked sdpa on CPU by default: the call kept whole, the rest on label rows), gemma2 (sliding window, attention softcapping, eager), with right- and "
           "left-padded rows and gradient checkpointing; its attention module's saved bytes at seq 128: 0.59x dense at 50% "
           "labels, 0.37x at 25% (<= 0.65x / 0.45x required), one query row per label row; no host read (aten nonzero / "
           "_local_scalar_dense / ...) in a training forward + backward with the collator's rows, exactly one nonzero "
-          "without them; head+loss saved bytes at seq 2048, vocab 32000, 50% labels: >= 10x less required, ~120x measured |",
+          "without them; unmasked sdpa with the span path switched on: exact for label spans at the end, middle and start, "
+          "MHA and GQA, with checkpointing and recompute; head+loss saved bytes at seq 2048, vocab 32000, 50% labels: "
+          ">= 10x less required, ~120x measured |",
           "| token_elimination | approximate | equals an independent masked-dense reference (eliminated keys masked, "
           "eliminated rows passed through) within 1e-5; loss rows and position 0 never dropped; unbiased option: mean "
           "update over 3000 draws = full update (Z-test) |",
           "| sampled_linear | unbiased | mean of 1500 sampled weight gradients = exact (Z < 3, every element within 6 "
           "standard errors; a non-reweighted estimator fails the same test); variance < 0.5x uniform column-row "
           "sampling at the same budget; input and bias gradients exact; linear saved bytes at keep 0.3 ~3.2x below "
-          "dense (<= 1/2.5 required) |",
+          "dense (<= 1/2.5 required); the same unbiasedness test for int8-trainable layers and PEQA's scale gradients "
+          "(nf4 block/channel, int8), PEQA layers' saved bytes 3.2x below exact at keep 0.3 |",
           "| partial | exact for what it trains | column gradients = the dense weight gradient's columns; "
           "save/load/merge round trip gives identical logits |",
           "| recompute | exact | loss and every gradient = the unpatched model's within 1e-5 relative in fp32 (2e-2 bf16): "
@@ -333,10 +338,12 @@ def write_card(res, q, args, device_desc, path, commands):
           "samples and gradients as without; a llama fp32 layer saves exactly dense - 2 (4Th + 4T) - 4TI bytes |", ""]
     L += ["## Not done / limits", "",
           "- Last block: the query projection, rotary embedding, input norm and residual additions still run on every "
-          "position (they sit in the model's own forward); sdpa called without a mask (no padding, no packing, no short "
-          "sliding window: transformers uses `is_causal`) keeps that call whole, since label-row queries would need a "
-          "queries x seq mask the dense call never builds (materialized on CPU, no flash kernel, k/v repeated for GQA), so "
-          "the restriction of the attention applies to eager and to masked sdpa; attention implementations other than eager and sdpa (flash, "
+          "position (the input norm and k/v projections are needed; restricting the query projection would keep an extra "
+          "copy of its label rows for its weight gradient, see efft/sparsity/last_block.py); sdpa called without a mask "
+          "(no padding, no packing, no short sliding window: transformers uses `is_causal`) computes the queries of the "
+          "batch's label span with a lower-right causal mask (`causal_lower_right`) on CUDA (not run on a GPU yet) and "
+          "keeps that call whole on CPU, where that mask is materialized (the tests switch it on to check it is exact), "
+          "and needs the collator's host label rows; attention implementations other than eager and sdpa (flash, "
           "flex) run on every query (the modules after them still on label rows); GPT-2 with `reorder_and_upcast_attn` "
           "keeps its attention whole (recorded in `last_block.reason`); routed-expert models keep the whole block "
           "unchanged. Rows of a batch are padded to the fullest row's label count for the attention call. The planner "
@@ -348,10 +355,11 @@ def write_card(res, q, args, device_desc, path, commands):
           "passed (not efft's; packed rows carry none).",
           "- With token elimination reaching the last layer (start_layer <= last; every combination above), that layer "
           "runs on the kept tokens and the last-block restriction steps aside; the combinations' rows are unchanged by it.",
-          "- WTA-CRS applies to trainable nn.Linear layers (including LoRA's lora_A/lora_B) and to trainable int8 "
-          "layers (Int8TrainableLinear); a frozen base, plain or QuantLinear, keeps no input for a weight gradient, "
-          "so there is nothing to sample there, and PEQA's trainable scales are not sampled. In full "
-          "fine-tuning the norms' weights keep the same normalized inputs, which limits what sampling the linears saves.",
+          "- WTA-CRS applies to trainable nn.Linear layers (including LoRA's lora_A/lora_B), to trainable int8 "
+          "layers (Int8TrainableLinear) and to PEQA's trainable scales (their gradient is linear in the sampled dW); a "
+          "frozen base, plain or QuantLinear, keeps no input for a weight gradient, so there is nothing to sample there. "
+          "Without `recompute`, the norms keep their normalized outputs and the MLP act(gate), which limits what sampling "
+          "the linears saves; efft does not sample the attention matmuls (sdpa keeps q, k, v and its output).",
           "- Token elimination scores tokens by their distance from the sequence mean, not LeMo's learned predictor.", ""]
     path.write_text("\n".join(L))
 
