@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 
 class _Loader(yaml.SafeLoader):
@@ -281,7 +281,7 @@ class PartialConfig(Section):
 
     enabled: bool = False
     fraction: Optional[float] = Field(None, gt=0, le=1, description="Share of each weight's input columns to train (default 0.05).")
-    r: Optional[int] = Field(None, ge=1, description="Input columns to train per weight (PaCA's rank); instead of fraction.")
+    r: Optional[StrictInt] = Field(None, ge=1, description="Input columns to train per weight (PaCA's rank); instead of fraction.")
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     seed: int = 0
 

@@ -135,7 +135,9 @@ def label_rows_attention(module: nn.Module, query, key, value, attention_mask, *
     if (causal_kernel and rows is not None and rows.span is not None and rows.shape == (b, q_len) and key.shape[2] == q_len
             and (query.device.type != "cpu" or UNMASKED_SDPA_ON_CPU) and set(kwargs) <= _SPAN_KWARGS
             and (kwargs.get("sliding_window") or q_len) >= q_len):
-        return _span_attention(module, block, rows, query, key, value, kwargs)
+        out = _span_attention(module, block, rows, query, key, value, kwargs)
+        if out is not None:
+            return out
     if not usable:
         block.query_rows = b * q_len
         out = fn(module, query, key, value, attention_mask, **kwargs)
@@ -166,24 +168,52 @@ def _scatter(block: LastBlock, rows: LabelRows, compact: torch.Tensor, pick: Opt
     return full.view(b, q_len, *tail), None
 
 
+def _span_kernel(q, k, v, dropout: float, groups: int) -> Optional[bool]:
+    """``enable_gqa`` for a fused sdpa kernel (flash or memory-efficient) that takes the span's
+    lower-right causal mask unmaterialized, None when neither does (dtypes, head sizes, GQA on the
+    efficient kernel): then the caller keeps the dense call."""
+    from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+
+    if not (q.dtype == k.dtype == v.dtype):
+        return None
+    for gqa in ((True,) if groups > 1 else (False,)):
+        params = SDPAParams(q, k, v, None, dropout, False, gqa)
+        if can_use_flash_attention(params) or can_use_efficient_attention(params):
+            return gqa
+    return None
+
+
 def _span_attention(module: nn.Module, block: LastBlock, rows: LabelRows, query, key, value, kwargs):
     """sdpa without a mask (is_causal) on the queries of the label span [a, e) only, against the keys
     and values [0, e): the causal mask aligned to the lower right (``causal_lower_right``), which CUDA's
     flash and memory-efficient kernels take without a materialized mask. Same call as transformers'
     sdpa function (its dropout and scaling, GQA without repeated k/v); the span's q and k/v are copied
-    when they are slices, so sdpa keeps only the span's rows for backward."""
+    when they are slices, so sdpa keeps only the span's rows for backward. Under autocast they are cast
+    as sdpa's autocast would (CausalBias takes the call before it). On CUDA only where a fused kernel
+    takes the mask (None otherwise: the caller runs the dense call)."""
     from torch.nn.attention.bias import causal_lower_right
 
     b, _, q_len, _ = query.shape
     a, e = rows.span
     q = query[:, :, a:e]
-    k, v = (key, value) if e == q_len else (key[:, :, :e].contiguous(), value[:, :, :e].contiguous())
-    if a > 0:
-        q = q.contiguous()
+    k, v = (key, value) if e == q_len else (key[:, :, :e], value[:, :, :e])
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):  # CausalBias dispatches before autocast would cast q, k, v
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    # copies of the span's rows (a no-op where .to() already copied), so sdpa keeps only those for backward
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    mask = causal_lower_right(e - a, e)
+    dropout, scale = kwargs.get("dropout", 0.0), kwargs.get("scaling")
     groups = getattr(module, "num_key_value_groups", 1)
+    if dev == "cpu":  # the switch is on: the mask is materialized (tests)
+        gqa = groups > 1
+    else:  # only where a fused kernel takes the lower-right mask; otherwise the dense call (no materialized mask)
+        gqa = _span_kernel(q, k, v, dropout, groups)
+        if gqa is None:
+            return None
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=causal_lower_right(e - a, e), dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"),
-        enable_gqa=groups > 1)  # (B, H, L, D)
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)  # (B, H, L, D)
     span = e - a
     block.query_rows = b * span
     out = out.transpose(1, 2).contiguous()  # (B, L, H, D), as transformers' sdpa function returns it

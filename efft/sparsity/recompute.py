@@ -207,6 +207,17 @@ def _install_checked(module: nn.Module, kind: str, width: int, dtype: torch.dtyp
             ref = _run(module, x, 7)
             module.__class__ = _recompute_class(orig_cls, kind)
             got = _run(module, x, 7)
+        # train mode, forward only (with grad: the recompute path), same seed: a module that draws
+        # dropout in its own forward, which the recompute forward replaces, differs here, not in eval
+        for m in module.modules():
+            m.training = True
+        with torch.enable_grad(), torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+            module.__class__ = orig_cls
+            torch.manual_seed(99)
+            train_ref = module(x).detach()
+            module.__class__ = _recompute_class(orig_cls, kind)
+            torch.manual_seed(99)
+            train_got = module(x).detach()
     except Exception as e:  # noqa: BLE001 - any failure leaves the module as it was
         module.__class__ = orig_cls
         return f"probe failed: {type(e).__name__}: {e}"
@@ -217,6 +228,9 @@ def _install_checked(module: nn.Module, kind: str, width: int, dtype: torch.dtyp
             and all(_same(a, b, dtype) for a, b in zip(ref[1], got[1]))):
         module.__class__ = orig_cls
         return "the recompute forward differs from the module's own forward (output or gradients) on a probe input"
+    if not _same(train_ref, train_got, dtype):
+        module.__class__ = orig_cls
+        return "the module's own forward differs in training mode (dropout?), which the recompute forward would drop"
     return None
 
 

@@ -186,8 +186,10 @@ class SharedSamples:
     def clear(self) -> None:
         self._cache.clear()
 
-    def get(self, x: torch.Tensor, state: _LayerState):
-        key = (x.data_ptr(), x._version, tuple(x.shape), x.dtype, state.keep, state.det_fraction)
+    def get(self, x: torch.Tensor, state: _LayerState, dtype: Optional[torch.dtype] = None):
+        """(kept rows, their indices, their scales) of ``x``, the kept rows cast to ``dtype`` if given
+        (PEQA computes in its compute dtype: keyed on the input itself, so its q/k/v still share)."""
+        key = (x.data_ptr(), x._version, tuple(x.shape), x.dtype, dtype, state.keep, state.det_fraction)
         hit = self._cache.get(key)
         # reuse only for another layer in the same pass; a layer seeing the same x again is a new pass
         if hit is not None and hit[0]() is x and id(state) not in hit[2]:
@@ -200,6 +202,8 @@ class SharedSamples:
         with torch.no_grad():
             idx, scale = sample_rows(state.weights(x2, seq), k, int(round(state.det_fraction * k)))
             kept = x2.index_select(0, idx)
+            if dtype is not None:
+                kept = kept.to(dtype)
         out = (kept, idx, scale)
         cache = self._cache
 
@@ -219,8 +223,8 @@ def _sampled_forward(module: nn.Module, state: _LayerState, kind: str):
         if not (torch.is_grad_enabled() and trains and module.training):
             return orig(x)
         if kind == "peqa":
+            kept, idx, scale = state.shared.get(x, state, module.compute_dtype)
             xc = x.to(module.compute_dtype)
-            kept, idx, scale = state.shared.get(xc, state)
             return PEQASampledFn.apply(xc, module.scales(), module.bias, kept, idx, scale, state, module).to(x.dtype)
         kept, idx, scale = state.shared.get(x, state)
         if kind == "dequant":

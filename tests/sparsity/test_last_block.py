@@ -267,3 +267,26 @@ def test_unmasked_sdpa_span_under_checkpointing_and_recompute(monkeypatch):
     out.loss.backward()
     assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
     _assert_grads_equal(dense, sparse, TOL)
+
+
+def test_unmasked_sdpa_span_under_autocast(monkeypatch):
+    """An fp32 model under bf16 autocast (efft's train.bf16): q and k leave the rotary embedding in
+    fp32 while v is bf16; the span path casts them as sdpa's autocast does (CausalBias takes the call
+    before autocast), so the result matches the dense autocast run within bf16 tolerance."""
+    import efft.sparsity.last_block as lb
+
+    monkeypatch.setattr(lb, "UNMASKED_SDPA_ON_CPU", True)
+    dense = tiny_model("llama", hidden=32, heads=4)
+    dense.config._attn_implementation = "sdpa"
+    dense.train()
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse)
+    sparse.train()
+    batch = dict(_span_batch(SPAN_CASES["middle"], seed=11), use_cache=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = dense(**batch), sparse(**with_label_rows(batch))
+    assert sparse._efft_loss_tokens.last_block.query_rows == 2 * (12 - 3)
+    assert _rel(out.loss.detach().float(), ref.loss.detach().float()) <= 2e-2
+    ref.loss.backward()
+    out.loss.backward()
+    _assert_grads_equal(dense, sparse, 5e-2)

@@ -136,3 +136,14 @@ def test_r_trains_that_many_columns_per_weight():
         apply_partial(tiny_model("llama"), r=0)
     probs = dict(sparsity_problems({"partial": {"enabled": True, "fraction": 2.0, "r": 0}}))
     assert set(probs) == {"sparsity.partial.fraction", "sparsity.partial.r", "sparsity.partial"}
+
+
+def test_recipe_r_must_be_an_integer():
+    """YAML's `r: true` is not 1 column: the schema refuses booleans for r."""
+    import pydantic
+
+    from efft.config import SparsityConfig
+
+    assert SparsityConfig(partial={"enabled": True, "r": 8}).partial.r == 8
+    with pytest.raises(pydantic.ValidationError, match="partial.r"):
+        SparsityConfig(partial={"enabled": True, "r": True})

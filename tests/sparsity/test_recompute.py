@@ -243,6 +243,29 @@ def test_norms_only_and_mlp_only():
     assert _layer_saved_bytes(only_mlp, batch) == d - T * I * 4
 
 
+def test_mlp_with_dropout_in_its_forward_is_left_alone():
+    """An MLP that applies dropout in its own forward (transformers' SeedOss does, p=0.1) equals the
+    recompute forward in eval but not in training: the train-mode probe catches it, the module keeps
+    its forward (and its dropout), and the global RNG stream is untouched by the probe."""
+    model = tiny_model("llama", layers=2)
+    mlp = model.model.layers[1].mlp
+
+    class Dropped(type(mlp)):
+        def forward(self, x):
+            y = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return torch.nn.functional.dropout(y, p=0.1, training=self.training)
+
+    mlp.__class__ = Dropped
+    torch.manual_seed(5)
+    before = torch.rand(3)
+    torch.manual_seed(5)
+    apply_recompute(model)
+    assert torch.equal(torch.rand(3), before)
+    st = recompute_state(model)
+    assert st.mlps == ["model.layers.0.mlp"] and "training mode" in st.skipped["model.layers.1.mlp"]
+    assert type(model.model.layers[1].mlp) is Dropped
+
+
 def test_mlp_whose_forward_differs_is_left_alone():
     """The apply-time probe compares with the module's own forward: an MLP computing something else
     with the same submodules keeps its forward, and the reason is recorded."""

@@ -285,3 +285,30 @@ def test_peqa_model_saved_input_bytes_at_keep_03():
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     print(f"PEQA layers saved bytes: exact {sizes[0]} sampled {sizes[1]} ratio {sizes[0] / sizes[1]:.2f}x")
     assert sizes[1] * 2.5 <= sizes[0]
+
+
+def test_peqa_layers_share_samples_when_computing_in_another_dtype():
+    """PEQA casts its input to its compute dtype; layers reading the same input (q/k/v, gate/up) must
+    still share one sample (one kept copy), as they do when no cast happens."""
+    from efft.quant import quantize_model
+    from efft.quant.peqa import prepare_peqa
+
+    drawn = {}
+    for cd in ("float32", "bfloat16"):
+        model = prepare_peqa(quantize_model(tiny_model("llama", hidden=64, layers=1), type="nf4", compute_dtype=cd))
+        apply_sampled_linear(model, keep=0.3)
+        shared = model._efft_sampled_shared
+        calls = []
+        orig = shared.get
+
+        def counting(x, state, dtype=None, orig=orig, calls=calls):
+            before = len(shared._cache)
+            out = orig(x, state, dtype)
+            calls.append(len(shared._cache) > before)
+            return out
+
+        shared.get = counting
+        model.train()
+        model(**tiny_batch(batch=2, seq=16)).loss.backward()
+        drawn[cd] = sum(calls)
+    assert drawn["float32"] == drawn["bfloat16"] == 4  # q/k/v, o, gate/up, down
