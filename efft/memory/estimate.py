@@ -1178,6 +1178,9 @@ def _candidates(r, nproc: int = 1) -> list[tuple[float, str, list[tuple[str, Any
                   [("train.fsdp", True)]))
     if not sp.loss_tokens.enabled:
         c.append((1, "loss-token skipping (exact; no batch x seq x vocab logits)", [("sparsity.loss_tokens.enabled", True)]))
+    if not sp.recompute.enabled and not t.gradient_checkpointing:
+        c.append((1.5, "recompute norms and the gated MLP's activation in backward (exact; a few % more compute)",
+                  [("sparsity.recompute.enabled", True)]))
     if not t.gradient_checkpointing:
         c.append((2, "gradient checkpointing (~30% more compute)", [("train.gradient_checkpointing", True)]))
     bs = t.per_device_train_batch_size

@@ -131,3 +131,18 @@ def test_callable_module_and_cli(tmp_path, capsys):
     code = cli.main(["estimate", str(path), "--gpu-memory", "24GB"])
     out = capsys.readouterr().out
     assert code == 1 and "does not fit" in out and "overrides:" in out
+
+
+def test_recompute_is_suggested_when_it_is_enough():
+    """A recipe a little over the limit is told to recompute norms and the MLP activation (exact, a few
+    percent of compute) before gradient checkpointing; the suggestion fits when applied."""
+    r = {"model": {"architecture": "smollm2-135m-instruct", "dtype": "bfloat16"},
+         "data": {"path": "-", "max_seq_length": 2048},
+         "train": {"per_device_train_batch_size": 8}, "sparsity": {"loss_tokens": {"enabled": True}}}
+    need = est.estimate(r)
+    rc = est.estimate({**r, "sparsity": {**r["sparsity"], "recompute": {"enabled": True}}})
+    assert rc.activations < need.activations
+    e = est.estimate(r, gpu_memory=(rc.total + need.total) // 2)
+    assert e.fits is False
+    assert e.suggestion_changes == ["sparsity.recompute.enabled=true"]
+    assert e.suggestion_total == rc.total
