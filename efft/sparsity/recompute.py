@@ -124,6 +124,19 @@ def _mlp_forward(self, x, *args, **kwargs):
 _CLASSES: dict[tuple[type, str], type] = {}
 
 
+def _rebuild(base: type, kind: str, state: dict) -> nn.Module:
+    """Unpickling: the module as its original class, then swapped to the recompute subclass."""
+    obj = base.__new__(base)
+    obj.__setstate__(state)
+    obj.__class__ = _recompute_class(base, kind)
+    return obj
+
+
+def _reduce_ex(self, protocol):
+    # the subclass shares its base's name, so pickle cannot find it by reference: rebuild it instead
+    return _rebuild, (type(self)._efft_base_class, type(self)._efft_recompute_kind, self.__dict__.copy())
+
+
 def _recompute_class(cls: type, kind: str) -> type:
     """A subclass of ``cls`` (same name, so class-name checks still match) whose forward recomputes."""
     key = (cls, kind)
@@ -132,6 +145,7 @@ def _recompute_class(cls: type, kind: str) -> type:
         _CLASSES[key] = type(cls.__name__, (cls,), {
             "forward": fwd, "_efft_base_forward": cls.forward, "_efft_recompute_kind": kind, "_efft_base_class": cls,
             "__module__": cls.__module__, "__doc__": f"{cls.__name__} with efft.sparsity.recompute ({kind})",
+            "__reduce_ex__": _reduce_ex,
         })
     return _CLASSES[key]
 

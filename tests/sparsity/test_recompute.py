@@ -415,3 +415,16 @@ def test_efft_validate_and_train_refuse_bad_recompute_sections(data_path, tmp_pa
     with pytest.raises(ValueError, match=r"sparsity.recompute: nothing to recompute in GPT2LMHeadModel.*GPT2MLP is not gated"):
         train(validate(d), trainer_hook=lambda tr: steps.append(tr))
     assert not steps  # refused while preparing the model, before a Trainer exists
+
+
+def test_patched_model_pickles(tmp_path):
+    """torch.save(model) / torch.load of a whole recompute-patched model: the swapped classes come
+    back swapped (they share their base's name, so they are rebuilt rather than found by name) and
+    the loaded model computes the same loss and gradients."""
+    model = apply_recompute(tiny_model("llama", layers=2))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert getattr(type(loaded.model.layers[0].mlp), "_efft_recompute_kind", None) == "mlp"
+    assert getattr(type(loaded.model.norm), "_efft_recompute_kind", None) == "norm"
+    batch = tiny_batch(seq=16)
+    _assert_same(_step(model, batch), _step(loaded, batch))
