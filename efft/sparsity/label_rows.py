@@ -34,8 +34,8 @@ class LabelRows:
     (seq-1 for a row without labels), whose outputs are dropped. ``slots``: for each entry of
     ``rows``, its flat index into batch*K. ``shape``: the (batch, seq) they index. ``span``: Python
     ints (first, last + 1) of the label positions over the whole batch, known only when built from
-    host labels with ``tight`` (the collator; None otherwise: on a device it would be a host read); the last block's unmasked
-    sdpa call computes the queries of that span.
+    host labels with ``tight`` (the collator; None otherwise: on a device it would be a host read);
+    the last block's unmasked sdpa call computes the queries of that span.
     """
 
     __slots__ = ("rows", "positions", "slots", "shape", "span")

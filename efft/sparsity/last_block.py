@@ -176,11 +176,8 @@ def _span_kernel(q, k, v, dropout: float, groups: int) -> Optional[bool]:
 
     if not (q.dtype == k.dtype == v.dtype):
         return None
-    for gqa in ((True,) if groups > 1 else (False,)):
-        params = SDPAParams(q, k, v, None, dropout, False, gqa)
-        if can_use_flash_attention(params) or can_use_efficient_attention(params):
-            return gqa
-    return None
+    params = SDPAParams(q, k, v, None, dropout, False, groups > 1)
+    return groups > 1 if can_use_flash_attention(params) or can_use_efficient_attention(params) else None
 
 
 def _span_attention(module: nn.Module, block: LastBlock, rows: LabelRows, query, key, value, kwargs):
