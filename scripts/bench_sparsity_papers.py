@@ -143,36 +143,52 @@ def prepare(base, lora, sections):
     return model
 
 
-def run_setting(name, s, reps):
-    base = build(s["hidden"], s["layers"], s["vocab"], s["seq"], s.get("inter"))
-    batch = batch_for(s["batch"], s["seq"], s["vocab"], s["labels"])
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_setting(name, s, reps, device):
+    base = build(s["hidden"], s["layers"], s["vocab"], s["seq"], s.get("inter")).to(device)
+    batch = {k: v.to(device) for k, v in batch_for(s["batch"], s["seq"], s["vocab"], s["labels"]).items()}
     rows = {}
     models = {}
     for m, (lora, sections) in s["methods"].items():
         model = prepare(base, lora, sections)
         model.train()
         weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        _sync(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         with BucketBytes(model) as meter:
             loss = model(**batch).loss
         loss.backward()
         del loss
         grads = gradient_bytes(model)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         opt.step()
         state = optimizer_state_bytes(opt)
+        _sync(device)
+        # CUDA: the step's peak above what was allocated before it (weights of every model built so far),
+        # plus this model's weights: the peak one run of this method would reach
+        cuda_peak = torch.cuda.max_memory_allocated(device) - before + weights if device.type == "cuda" else None
         model.zero_grad(set_to_none=True)
         del opt
         total = weights + state + meter.total() + (grads if s["grads_in_total"] else 0)
         rows[m] = dict(weights=weights, gradients=grads, optimizer_state=state, saved=meter.total(),
-                       layers=meter.total("layers"), total=total, times=[])
+                       layers=meter.total("layers"), total=total, cuda_peak=cuda_peak, times=[])
         models[m] = model
         print(f"[{name}] {m}: total {total / 2**20:.1f} MiB, saved {meter.total() / 2**20:.1f} MiB "
-              f"(layers {meter.total('layers') / 2**20:.1f})", flush=True)
+              f"(layers {meter.total('layers') / 2**20:.1f})"
+              + (f", CUDA peak {cuda_peak / 2**20:.1f} MiB" if cuda_peak is not None else ""), flush=True)
     for _ in range(reps):
         for m, model in models.items():
             gc.collect()
+            _sync(device)
             t0 = time.perf_counter()
             model(**batch).loss.backward()
+            _sync(device)
             rows[m]["times"].append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
     for r in rows.values():
@@ -209,18 +225,21 @@ def render(results, args, machine):
         base = rows[s["base"]]
         total_def = "weights + AdamW state + saved" + (" + gradients" if s["grads_in_total"] else "")
         labels = "every position" if s["labels"] is None else f"the last {s['labels']} of each row"
+        cuda = all(r.get("cuda_peak") for r in rows.values())
         out += [f"## {title}", "",
                 f"Paper: {claim}.", "",
                 f"Here: Llama, hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}, batch {s['batch']} x seq {s['seq']}, "
                 f"labels: {labels}; "
                 f"total = {total_def}; baseline: {s['base']}.", "",
-                "| method | total MiB | less than baseline | saved MiB | layers MiB | layers less | step s | speed |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| method | total MiB | less than baseline | saved MiB | layers MiB | layers less | step s | speed |"
+                + (" CUDA peak MiB | less than baseline |" if cuda else ""),
+                "|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else "")]
         for m, r in rows.items():
             t = r["step_s"]
             step = f"{t:.2f} | {base['step_s'] / t:.2f}x" if t and base["step_s"] else "- | -"
+            peak = f" {mib(r['cuda_peak'])} | {base['cuda_peak'] / r['cuda_peak']:.2f}x |" if cuda else ""
             out.append(f"| {m} | {mib(r['total'])} | {base['total'] / r['total']:.2f}x | {mib(r['saved'])} | {mib(r['layers'])} | "
-                       f"{base['layers'] / r['layers']:.2f}x | {step} |")
+                       f"{base['layers'] / r['layers']:.2f}x | {step} |{peak}")
         out.append("")
     out += verdict(results, args)
     return "\n".join(out) + "\n"
@@ -287,6 +306,8 @@ def main():
     ap.add_argument("--lemo-hidden", type=int, default=256)
     ap.add_argument("--lemo-layers", type=int, default=8)
     ap.add_argument("--machine", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda adds each method's CUDA peak (the step's, above what was allocated before it, plus its weights)")
     ap.add_argument("--out", default=str(ROOT / "cards" / "sparsity-papers.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -295,7 +316,7 @@ def main():
     results = json.loads(js.read_text())["results"] if js.exists() else {}
     for key, s in settings(args).items():
         if args.only in ("all", key):
-            results[key] = run_setting(key, s, args.reps)
+            results[key] = run_setting(key, s, args.reps, torch.device(args.device))
     results = {k: results[k] for k in ("lemo", "wta", "paca") if k in results}
     machine = args.machine or (json.loads(js.read_text())["machine"] if args.only == "card" and js.exists()
                                else f"{platform.machine()} {platform.processor() or ''}".strip())
