@@ -26,11 +26,19 @@ the label positions after it. Everything else it does there is wasted, so, for t
   compact output (one row per query it computed), a view of what the attention keeps for backward,
   rather than a gathered copy.
 
+- the query projection (a plain ``nn.Linear`` ``q_proj``) runs on the label rows only, the other
+  rows zeros, when this forward's attention takes the label-row path: decided once, in a pre-hook of
+  the attention module, from what the attention function checks (implementation, row shape, mask
+  shape, no cached keys); the function raises if it then cannot restrict, rather than use zero
+  queries. A custom autograd function saves the projection's full input (the tensor the key/value
+  projections keep anyway) and the index and gathers the rows again in backward, so no gathered copy
+  is kept for the weight gradient (measured: the attention module's saved bytes unchanged). Left on
+  every row: peft LoRA or quantized q_proj (their own forwards would keep a gathered copy of the
+  rows), GPT-2's fused ``c_attn`` (queries, keys and values in one matmul), the span path and the
+  whole calls (their queries are used).
+
 Still on every row: the input norm and the key/value projections (their keys and values are
-needed), and the query projection with its rotary embedding. Restricting the query projection saves
-one of the block's seven matmuls on the unlabeled rows, but its input is the normed hidden state
-the key/value projections keep anyway, so its label rows gathered would be an extra copy kept for
-its weight gradient: more memory for a small share of one layer's compute.
+needed), the rotary embedding and q/k norms (elementwise on the full tensors, cheap).
 
 The outputs of the rows without labels are zeros. They must be finite, not merely unused: the
 block's residual additions (inside the model's own forward, not reachable generically) and the
@@ -79,6 +87,8 @@ class LastBlock:
         self.ran: set[str] = set()  # of those, the ones that did so since the last prune()
         self.reason: Optional[str] = None  # why the attention is not restricted
         self.query_rows: Optional[int] = None  # query rows the attention function computed last (inspection)
+        self.query_projection: Optional[str] = None  # name of the query projection run on label rows (None: every row)
+        self.restrict_queries = False  # this forward: the attention takes the label-row path (decided before q_proj)
         self._undo: list[Callable[[], None]] = []
         self._unwrap: dict[str, Callable[[], None]] = {}
 
@@ -98,6 +108,7 @@ class LastBlock:
             undo()
         self._undo.clear()
         self.attention, self.modules, self.rows = None, [], None
+        self.query_projection, self.restrict_queries = None, False
 
 
 def _gather_rows(t: torch.Tensor, positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -132,6 +143,10 @@ def label_rows_attention(module: nn.Module, query, key, value, attention_mask, *
     usable = (rows is not None and impl in _RESTRICTABLE and rows.shape == (b, q_len) and key.shape[2] == q_len
               and not causal_kernel and (mask is None or (mask.dim() == 4 and mask.shape[2] in (1, q_len))))
     block.stash = None
+    if block.restrict_queries and not usable:  # q_proj left the other rows zero: running whole would be wrong
+        raise RuntimeError(f"efft last block: the query projection ran on label rows only but the attention call "
+                           f"cannot restrict (implementation {impl!r}, query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                           f"mask {None if mask is None else tuple(mask.shape)})")
     if (causal_kernel and rows is not None and rows.span is not None and rows.shape == (b, q_len) and key.shape[2] == q_len
             and (query.device.type != "cpu" or UNMASKED_SDPA_ON_CPU) and set(kwargs) <= _SPAN_KWARGS
             and (kwargs.get("sliding_window") or q_len) >= q_len):
@@ -218,6 +233,83 @@ def _span_attention(module: nn.Module, block: LastBlock, rows: LabelRows, query,
     # label row r = i * q_len + p sits at compact row i * span + (p - a)
     pick = None if b * span == rows.count else rows.rows - (rows.rows // q_len) * (q_len - span) - a
     return _scatter(block, rows, compact, pick, b, q_len, out.shape[2:])
+
+
+class _QueryRows(torch.autograd.Function):
+    """``linear(x, weight, bias)`` on the rows ``index`` of ``x`` (N, X), zeros elsewhere. Saves ``x``
+    itself (the tensor the key/value projections keep anyway, so no new bytes) and the index, and
+    gathers the rows again in backward: a gathered copy kept for the weight gradient would cost
+    K x hidden more than the dense call."""
+
+    @staticmethod
+    def forward(ctx, x, index, weight, bias):
+        y = nn.functional.linear(x.index_select(0, index), weight, bias)
+        ctx.save_for_backward(x if weight.requires_grad else None, index, weight)
+        ctx.has_bias = bias is not None
+        return y.new_zeros(x.shape[0], y.shape[1]).index_put((index,), y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, index, weight = ctx.saved_tensors
+        g = grad.index_select(0, index)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad.new_zeros(grad.shape[0], weight.shape[1]).index_put((index,), g @ weight.to(g.dtype))
+        if ctx.needs_input_grad[2]:
+            gw = g.t() @ x.index_select(0, index).to(g.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = g.sum(0)
+        return gx, None, gw, gb
+
+
+def _decide(attn: nn.Module, block: LastBlock, args, kwargs) -> None:
+    """Forward pre-hook of the attention module: whether its attention function will take the
+    label-row path, decided once from what that function will check (implementation, row shape,
+    mask shape), so the query projection zeroes the other rows only when their queries go unused."""
+    block.restrict_queries = False
+    rows = block.rows
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if rows is None or block.query_projection is None or not torch.is_tensor(x) or x.dim() != 3 or tuple(x.shape[:2]) != rows.shape:
+        return
+    impl = attn._efft_model_config._attn_implementation
+    mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    if impl not in _RESTRICTABLE or (cache is not None and (not callable(getattr(cache, "get_seq_length", None))
+                                                            or cache.get_seq_length(attn.layer_idx))):
+        return  # earlier keys cached: the attention function sees more keys than queries and runs whole
+    if mask is None:
+        block.restrict_queries = impl == "eager"  # sdpa without a mask: the span path or the whole call
+    else:
+        block.restrict_queries = torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[2] in (1, x.shape[1])
+
+
+def _wrap_query_projection(attn: nn.Module, block: LastBlock) -> Optional[str]:
+    """Run the attention's ``q_proj`` (a plain ``nn.Linear``) on label rows only when this forward's
+    attention restricts; None (left on every row) for other projections (peft LoRA, quantized: their
+    own forwards would keep a gathered copy of the rows for backward)."""
+    q = getattr(attn, "q_proj", None)
+    if type(q) is not nn.Linear:
+        return None
+    own = q.__dict__.get("forward")
+
+    def forward(x, *args, **kwargs):
+        rows = block.rows
+        if not (block.restrict_queries and not args and not kwargs and torch.is_tensor(x) and x.dim() == 3
+                and rows is not None and tuple(x.shape[:2]) == rows.shape):
+            return own(x, *args, **kwargs) if own is not None else type(q).forward(q, x, *args, **kwargs)
+        y = _QueryRows.apply(x.reshape(-1, x.shape[-1]), rows.rows, q.weight, q.bias)
+        return y.view(*x.shape[:2], -1)
+
+    def unwrap():
+        if q.__dict__.get("forward") is forward:
+            if own is not None:
+                q.forward = own
+            else:
+                del q.forward
+
+    q.forward = forward
+    block._undo.append(unwrap)
+    return "q_proj"
 
 
 def _register() -> None:
@@ -318,6 +410,9 @@ def install_last_block(layer: nn.Module, cfg: Any) -> LastBlock:
                 attn.__dict__.pop(a, None)
 
         block._undo.append(undo_attention)
+        block.query_projection = _wrap_query_projection(attn, block)
+        h = attn.register_forward_pre_hook(lambda m, a, kw: _decide(m, block, a, kw), with_kwargs=True)
+        block._undo.append(h.remove)
 
     def reset(*_):
         block.after_attention, block.stash = False, None
@@ -327,7 +422,8 @@ def install_last_block(layer: nn.Module, cfg: Any) -> LastBlock:
 
     for h in (layer.register_forward_pre_hook(reset), attn.register_forward_hook(attended)):
         block._undo.append(h.remove)
-    candidates = [(f"{name}.{n}", m, "output") for n, m in attn.named_children()] if block.restricts_attention else []
+    candidates = ([(f"{name}.{n}", m, "output") for n, m in attn.named_children() if n != block.query_projection]
+                  if block.restricts_attention else [])
     candidates += [(n, m, "after") for n, m in layer.named_children() if not any(sub is attn for sub in m.modules())]
     for n, m, mode in candidates:
         block.modules.append(n)

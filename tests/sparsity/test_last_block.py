@@ -59,12 +59,33 @@ def test_last_block_on_label_rows_equals_dense(family, impl):
     assert {"mlp", OUT_PROJ.get(family, "self_attn.o_proj")} <= set(block.modules), block.modules
     batch = _padded_batch()
     indexed = with_label_rows(batch)
+    q_out = _record_q(sparse, family)
     ref, out = dense(**batch), sparse(**indexed)
     assert block.query_rows == 3 * indexed["efft_label_rows"].positions.shape[1] < 3 * 16
+    if family != "gpt2":  # GPT-2's fused c_attn is not split: its queries stay on every row
+        _assert_q_on_label_rows(q_out, indexed["efft_label_rows"])
     assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
     ref.loss.backward()
     out.loss.backward()
     _assert_grads_equal(dense, sparse, TOL)
+
+
+def _record_q(model, family):
+    """The last block's query projection outputs, recorded per call."""
+    outs = []
+    if family != "gpt2":
+        decoder_layers(model)[-1].self_attn.q_proj.register_forward_hook(lambda m, a, y: outs.append(y.detach()))
+    return outs
+
+
+def _assert_q_on_label_rows(outs, rows):
+    """Each call computed the label rows only: the other rows are exactly zero, the label rows not."""
+    assert outs
+    for y in outs:
+        flat = y.reshape(-1, y.shape[-1])
+        off = torch.ones(flat.shape[0], dtype=torch.bool)
+        off[rows.rows] = False
+        assert (flat[off] == 0).all() and (flat[rows.rows] != 0).any(dim=-1).all()
 
 
 def test_sdpa_without_a_mask_keeps_its_causal_kernel():
@@ -96,9 +117,13 @@ def test_gradient_checkpointing_recomputes_the_same_rows():
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
     batch = _padded_batch(seed=4)
-    ref, out = dense(**batch), sparse(**with_label_rows(batch))
+    q_out = _record_q(sparse, "llama")
+    indexed = with_label_rows(batch)
+    ref, out = dense(**batch), sparse(**indexed)
     ref.loss.backward()
     out.loss.backward()
+    assert len(q_out) == 2  # forward and recompute, both on label rows
+    _assert_q_on_label_rows(q_out, indexed["efft_label_rows"])
     assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
     _assert_grads_equal(dense, sparse, TOL)
 
@@ -290,3 +315,53 @@ def test_unmasked_sdpa_span_under_autocast(monkeypatch):
     ref.loss.backward()
     out.loss.backward()
     _assert_grads_equal(dense, sparse, 5e-2)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_query_projection_on_label_rows_keeps_no_extra_bytes(impl):
+    """Full fine-tuning: the query projection on label rows keeps the input the key/value projections
+    keep anyway (plus the index), so the attention module saves no more than with q_proj on every
+    row; the loss and gradients are the same either way."""
+    dense = _model("llama", impl).train()
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse)
+    sparse.train()
+    block = sparse._efft_loss_tokens.last_block
+    assert block.query_projection == "q_proj"
+    indexed = with_label_rows(_padded_batch())
+    restricted = _attention_saved_bytes(sparse, indexed)
+    grads = {n: p.grad.clone() for n, p in sparse.named_parameters()}
+    sparse.zero_grad(set_to_none=True)
+    block.query_projection = None  # q_proj on every row (the wrapper passes through)
+    whole = _attention_saved_bytes(sparse, indexed)
+    print({"restricted": restricted, "whole": whole})
+    assert restricted <= whole
+    for n, p in sparse.named_parameters():
+        assert _rel(p.grad, grads[n]) <= TOL, n
+
+
+def test_query_projection_lora_and_unmasked_sdpa_stay_on_every_row():
+    """peft LoRA on q_proj (not a plain Linear) and the whole unmasked sdpa call keep the queries of
+    every row (real values, not zeros), and stay exact."""
+    peft = pytest.importorskip("peft")
+    dense = _model("llama", "eager").train()
+    dense = peft.get_peft_model(dense, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                                       init_lora_weights=False))
+    sparse = copy.deepcopy(dense)
+    apply_loss_tokens(sparse)
+    sparse.train()
+    block = sparse._efft_loss_tokens.last_block
+    assert block.query_projection is None
+    batch = _padded_batch()
+    ref, out = dense(**batch), sparse(**with_label_rows(batch))
+    assert _rel(out.loss.detach(), ref.loss.detach()) <= TOL
+    ref.loss.backward()
+    out.loss.backward()
+    _assert_grads_equal(dense, sparse, TOL)
+
+    plain = _model("llama", "sdpa").train()
+    apply_loss_tokens(plain)
+    q_out = _record_q(plain, "llama")
+    batch = tiny_batch(seq=16, batch=2, label_fraction=0.5, seed=3)
+    plain(**with_label_rows(batch))  # no padding: sdpa gets no mask and (CPU default) runs whole
+    assert (q_out[0].reshape(-1, q_out[0].shape[-1]) != 0).any(dim=-1).all()
