@@ -34,7 +34,8 @@ the label positions after it. Everything else it does there is wasted, so, for t
   projections keep anyway) and the index and gathers the rows again in backward, so no gathered copy
   is kept for the weight gradient (measured: the attention module's saved bytes unchanged). Left on
   every row: peft LoRA or quantized q_proj (their own forwards would keep a gathered copy of the
-  rows), GPT-2's fused ``c_attn`` (queries, keys and values in one matmul), the span path and the
+  rows), q_proj under autocast (the key/value projections then keep cast copies, not the input
+  itself), GPT-2's fused ``c_attn`` (queries, keys and values in one matmul), the span path and the
   whole calls (their queries are used).
 
 Still on every row: the input norm and the key/value projections (their keys and values are
@@ -295,7 +296,8 @@ def _wrap_query_projection(attn: nn.Module, block: LastBlock) -> Optional[str]:
     def forward(x, *args, **kwargs):
         rows = block.rows
         if not (block.restrict_queries and not args and not kwargs and torch.is_tensor(x) and x.dim() == 3
-                and rows is not None and tuple(x.shape[:2]) == rows.shape):
+                and rows is not None and tuple(x.shape[:2]) == rows.shape and not torch.is_autocast_enabled(x.device.type)):
+            # under autocast the dense call keeps a cast copy, not ``x``: saving ``x`` here would add bytes
             return own(x, *args, **kwargs) if own is not None else type(q).forward(q, x, *args, **kwargs)
         y = _QueryRows.apply(x.reshape(-1, x.shape[-1]), rows.rows, q.weight, q.bias)
         return y.view(*x.shape[:2], -1)

@@ -365,3 +365,7 @@ def test_query_projection_lora_and_unmasked_sdpa_stay_on_every_row():
     batch = tiny_batch(seq=16, batch=2, label_fraction=0.5, seed=3)
     plain(**with_label_rows(batch))  # no padding: sdpa gets no mask and (CPU default) runs whole
     assert (q_out[0].reshape(-1, q_out[0].shape[-1]) != 0).any(dim=-1).all()
+    q_out.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dense call would keep a cast copy: no restriction
+        plain(**with_label_rows(_padded_batch()))
+    assert (q_out[0].reshape(-1, q_out[0].shape[-1]) != 0).any(dim=-1).all()
