@@ -314,7 +314,7 @@ def write_card(res, q, args, device_desc, path, commands):
           "| loss_tokens | exact | loss and every parameter gradient = the model's own dense forward, within 1e-5 relative in "
           "fp32 (2e-2 in bf16): llama, qwen2, mistral, gemma, gpt2, gemma2 (softcapping), peft LoRA, transformers.Trainer "
           "with gradient accumulation (num_items_in_batch), label rows from the collator and found on the device; last "
-          "block (attention queries, output projection, norms, MLP on label rows): llama, qwen2, mistral (sliding window "
+          "block (query projection, attention queries, output projection, norms, MLP on label rows): llama, qwen2, mistral (sliding window "
           "5), gemma, gpt2 in eager and masked sdpa (unmasked sdpa on CPU by default: the call kept whole, the rest on label rows), gemma2 (sliding window, attention softcapping, eager), with right- and "
           "left-padded rows and gradient checkpointing; its attention module's saved bytes at seq 128: 0.59x dense at 50% "
           "labels, 0.37x at 25% (<= 0.65x / 0.45x required), one query row per label row; no host read (aten nonzero / "
@@ -337,9 +337,11 @@ def write_card(res, q, args, device_desc, path, commands):
           "checkpointing, loss_tokens (either order), token elimination, activation offload; with sampled_linear the same "
           "samples and gradients as without; a llama fp32 layer saves exactly dense - 2 (4Th + 4T) - 4TI bytes |", ""]
     L += ["## Not done / limits", "",
-          "- Last block: the query projection, rotary embedding, input norm and residual additions still run on every "
-          "position (the input norm and k/v projections are needed; restricting the query projection would keep an extra "
-          "copy of its label rows for its weight gradient, see efft/sparsity/last_block.py); sdpa called without a mask "
+          "- Last block: the input norm, key/value projections, rotary embedding and residual additions still run on "
+          "every position (keys and values are needed); the query projection runs on label rows when it is a plain Linear "
+          "outside autocast and the attention takes the label-row path (a custom function keeps only the input the k/v "
+          "projections keep anyway), on every row for LoRA or quantized q_proj and under autocast (a gathered copy would "
+          "cost memory there; see efft/sparsity/last_block.py); sdpa called without a mask "
           "(no padding, no packing, no short sliding window: transformers uses `is_causal`) computes the queries of the "
           "batch's label span with a lower-right causal mask (`causal_lower_right`) on CUDA (not run on a GPU yet) and "
           "keeps that call whole on CPU, where that mask is materialized (the tests switch it on to check it is exact), "
