@@ -236,6 +236,16 @@ def _span_attention(module: nn.Module, block: LastBlock, rows: LabelRows, query,
     return _scatter(block, rows, compact, pick, b, q_len, out.shape[2:])
 
 
+def _restore_forward(module: nn.Module, wrapper: Callable, own: Optional[Callable]) -> None:
+    """Undo an instance-level forward ``wrapper``, putting back the instance-level forward it wrapped
+    (``own``, another efft wrapper) or the class's."""
+    if module.__dict__.get("forward") is wrapper:
+        if own is not None:
+            module.forward = own
+        else:
+            del module.forward
+
+
 class _QueryRows(torch.autograd.Function):
     """``linear(x, weight, bias)`` on the rows ``index`` of ``x`` (N, X), zeros elsewhere. Saves ``x``
     itself (the tensor the key/value projections keep anyway, so no new bytes) and the index, and
@@ -302,15 +312,8 @@ def _wrap_query_projection(attn: nn.Module, block: LastBlock) -> Optional[str]:
         y = _QueryRows.apply(x.reshape(-1, x.shape[-1]), rows.rows, q.weight, q.bias)
         return y.view(*x.shape[:2], -1)
 
-    def unwrap():
-        if q.__dict__.get("forward") is forward:
-            if own is not None:
-                q.forward = own
-            else:
-                del q.forward
-
     q.forward = forward
-    block._undo.append(unwrap)
+    block._undo.append(lambda: _restore_forward(q, forward, own))
     return "q_proj"
 
 
@@ -360,11 +363,7 @@ def _wrap_rowwise(module: nn.Module, name: str, block: LastBlock, mode: str) -> 
         return out.view(*x.shape[:2], y.shape[-1])
 
     def unwrap():
-        if module.__dict__.get("forward") is forward:
-            if own is not None:
-                module.forward = own
-            else:
-                del module.forward
+        _restore_forward(module, forward, own)
         if name in block.modules:
             block.modules.remove(name)
 
