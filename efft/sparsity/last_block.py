@@ -38,6 +38,12 @@ the label positions after it. Everything else it does there is wasted, so, for t
   itself), GPT-2's fused ``c_attn`` (queries, keys and values in one matmul), the span path and the
   whole calls (their queries are used).
 
+Which rows: the block's class is swapped for a subclass (same name) whose ``forward`` first takes
+the label rows of the forward that produced the block's input (:class:`~.per_forward.PerForward`)
+and resets the per-computation state. The class's forward, because that is what gradient
+checkpointing re-runs in backward; so a second forward before the first one's backward (a
+DPO-style loss over separately run halves) cannot hand its rows to the first one's recompute.
+
 Still on every row: the input norm and the key/value projections (their keys and values are
 needed), the rotary embedding and q/k norms (elementwise on the full tensors, cheap).
 
@@ -58,6 +64,7 @@ modules after them still run on the label rows.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from typing import Any, Callable, Optional
 
@@ -65,6 +72,7 @@ import torch
 from torch import nn
 
 from .label_rows import LabelRows
+from .per_forward import PerForward
 
 ATTENTION_NAME = "efft_label_rows"
 # sdpa without a mask: restrict it to the label span on CPU too (off: on CPU the span's causal mask is
@@ -80,7 +88,8 @@ class LastBlock:
     """What runs on label rows in the last block, and the label rows of the current forward."""
 
     def __init__(self):
-        self.rows: Optional[LabelRows] = None  # on the model's device; None: every module runs on all rows
+        self.rows: Optional[LabelRows] = None  # this (re)computation's, on the model's device; None: every module runs on all rows
+        self.per_forward = PerForward()  # the rows of each forward, found again by a checkpointed block's recompute
         self.after_attention = False  # set once the block's attention has run in this (re)computation
         self.stash: Optional[tuple] = None  # (scattered, compact, label rows among compact's) attention output
         self.attention: Optional[nn.Module] = None  # the attention module whose queries are restricted
@@ -378,12 +387,50 @@ def _attention_module(layer: nn.Module) -> tuple[Optional[str], Optional[nn.Modu
     return found[0] if len(found) == 1 else (None, None)
 
 
+_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _layer_class(cls: type) -> type:
+    """A subclass of the decoder layer class (same name) whose forward first sets the block's rows
+    and resets its per-computation state. It is the class's forward, not a hook or an instance
+    wrapper, because that is what gradient checkpointing runs again in backward (transformers
+    checkpoints ``forward``, keeping module hooks outside)."""
+    if cls not in _LAYER_CLASSES:
+        base_forward = cls.forward
+
+        @functools.wraps(base_forward)
+        def forward(self, *args, **kwargs):
+            block = self.__dict__.get("_efft_last_block")
+            if block is not None:
+                block.rows = block.per_forward.resolve(args[0] if args else kwargs.get("hidden_states"))
+                block.after_attention, block.stash = False, None
+            return base_forward(self, *args, **kwargs)
+
+        _LAYER_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                                          "_efft_base_class": cls})
+    return _LAYER_CLASSES[cls]
+
+
+def _swap_layer_class(layer: nn.Module, block: LastBlock) -> None:
+    cls = type(layer)
+    layer.__class__ = _layer_class(cls)
+    layer._efft_last_block = block
+
+    def undo():
+        layer.__dict__.pop("_efft_last_block", None)
+        if type(layer) is _LAYER_CLASSES.get(cls):
+            layer.__class__ = cls
+
+    block._undo.append(undo)
+
+
 def install_last_block(layer: nn.Module, cfg: Any) -> LastBlock:
     """Restrict the last decoder block ``layer`` to label rows as far as it can be done generically."""
     block = LastBlock()
     if any(getattr(cfg, k, None) for k in _MOE_KEYS):
         block.reason = "routed experts: an expert's capacity can depend on every row"
         return block
+    _swap_layer_class(layer, block)
     name, attn = _attention_module(layer)
     if attn is None:
         block.reason = "no single self-attention module (one with layer_idx, is_causal and a config) in the last block"
@@ -415,14 +462,10 @@ def install_last_block(layer: nn.Module, cfg: Any) -> LastBlock:
         h = attn.register_forward_pre_hook(lambda m, a, kw: _decide(m, block, a, kw), with_kwargs=True)
         block._undo.append(h.remove)
 
-    def reset(*_):
-        block.after_attention, block.stash = False, None
-
     def attended(*_):
         block.after_attention = True
 
-    for h in (layer.register_forward_pre_hook(reset), attn.register_forward_hook(attended)):
-        block._undo.append(h.remove)
+    block._undo.append(attn.register_forward_hook(attended).remove)
     candidates = ([(f"{name}.{n}", m, "output") for n, m in attn.named_children() if n != block.query_projection]
                   if block.restricts_attention else [])
     candidates += [(n, m, "after") for n, m in layer.named_children() if not any(sub is attn for sub in m.modules())]

@@ -215,8 +215,8 @@ class LossTokenState:
             label_rows = LabelRows.from_shifted(shift, ignore, tight=False)
             self.host_reads += 1
         rows = label_rows.rows
-        self.last_block.rows = label_rows if self.last_block_skip else None
-        out = self.lm.base_model(**bound)
+        with self.last_block.per_forward.forward(label_rows if self.last_block_skip else None):
+            out = self.lm.base_model(**bound)
         hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         t = shift.reshape(-1).index_select(0, rows).to(h.device)
@@ -290,7 +290,6 @@ def apply_loss_tokens(model: nn.Module, chunk_size: int = 1024, verify: bool = T
         arguments.update(extra)
         has_labels = arguments.get("labels") is not None or arguments.get("shift_labels") is not None
         if not (has_labels and lm.training and torch.is_grad_enabled()):
-            block.rows = None
             return orig_forward(*args, **kwargs)
         return state.sparse_forward(arguments, label_rows)
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .loss_tokens import IGNORE_INDEX, _shift_labels, decoder_layers, find_causal_lm
+from .per_forward import PerForward
 
 _ATTN_OK = ("eager", "sdpa")
 
@@ -51,13 +52,15 @@ class EliminationState:
         self.keep = list(keep)
         self.unbiased = unbiased
         self.min_seq_length = min_seq_length
-        self.loss_rows: Optional[torch.Tensor] = None  # (B, S) bool, None: inactive
+        self.loss_rows: Optional[torch.Tensor] = None  # the last forward's (B, S) bool, None: inactive (inspection)
+        self.per_forward = PerForward()  # each forward's loss rows, found again by a checkpointed layer's recompute
         self.last_kept: dict[int, torch.Tensor] = {}  # layer index -> (B, K) kept positions (inspection, tests)
 
-    def activate(self, labels, shift_labels, seq: int) -> None:
+    def activate(self, labels, shift_labels, seq: int) -> Optional[torch.Tensor]:
         if shift_labels is None:
             shift_labels = _shift_labels(labels)
         self.loss_rows = (shift_labels != IGNORE_INDEX) if seq >= self.min_seq_length else None
+        return self.loss_rows
 
 
 def informativeness(h: torch.Tensor) -> torch.Tensor:
@@ -149,21 +152,26 @@ def _gather_args(args: dict, idx: torch.Tensor, flat: torch.Tensor, seq: int, la
 
 
 def _wrap_layer(layer: nn.Module, index: int, state: EliminationState) -> None:
-    orig = layer.forward
-    sig = inspect.signature(orig)
+    own = layer.__dict__.get("forward")  # an instance-level wrapper installed before this one
+    sig = inspect.signature(layer.forward)
     first = next(iter(sig.parameters))
 
-    @functools.wraps(orig)
+    def orig(*args, **kwargs):  # the class's forward looked up per call: loss_tokens may swap the last layer's class later
+        return own(*args, **kwargs) if own is not None else type(layer).forward(layer, *args, **kwargs)
+
+    @functools.wraps(layer.forward)
     def forward(*args, **kwargs):
         ratio = state.keep[index]
-        rows = state.loss_rows
-        if ratio is None or rows is None or ratio >= 1.0:
+        if ratio is None or ratio >= 1.0:
+            return orig(*args, **kwargs)
+        rows = state.per_forward.resolve(args[0] if args else kwargs.get(first))
+        if rows is None:
             return orig(*args, **kwargs)
         bound = sig.bind(*args, **kwargs)
         a = dict(bound.arguments)
         a.update(a.pop("kwargs", {}) if "kwargs" in sig.parameters and isinstance(a.get("kwargs"), dict) else {})
         h = a[first]
-        if h.dim() != 3 or tuple(h.shape[:2]) != tuple(rows.shape):
+        if not torch.is_tensor(h) or h.dim() != 3 or tuple(h.shape[:2]) != tuple(rows.shape):
             return orig(*args, **kwargs)
         b, s, _ = h.shape
         with torch.no_grad():
@@ -246,10 +254,11 @@ def apply_token_elimination(model: nn.Module, keep_ratio: Union[float, Sequence[
         ids = bound.get("input_ids")
         if ids is None:
             ids = bound.get("inputs_embeds")
-        state.loss_rows = None
+        state.loss_rows = rows = None
         if (labels is not None or shift is not None) and lm.training and torch.is_grad_enabled() and ids is not None:
-            state.activate(labels, shift, ids.shape[1])
-        return inner(*args, **kwargs)
+            rows = state.activate(labels, shift, ids.shape[1])
+        with state.per_forward.forward(rows):
+            return inner(*args, **kwargs)
 
     lm.forward = forward
     lm._efft_token_elimination = state

@@ -128,8 +128,7 @@ def test_unbiased_option_expected_update_equals_full_update():
     h = torch.randn(2, 20, 8)
     labels = torch.full((2, 20), -100)
     labels[:, -3:] = 1
-    state.activate(labels, None, 20)
-    with torch.no_grad():
+    with torch.no_grad(), state.per_forward.forward(state.activate(labels, None, 20)):  # as the wrapped model forward does
         dense = block._efft_orig_forward(h)
         outs = torch.stack([block(h) for _ in range(3000)])
     mean, se = outs.mean(0), outs.std(0) / 3000 ** 0.5
