@@ -349,7 +349,9 @@ def write_card(res, q, args, device_desc, path, commands):
           "flex) run on every query (the modules after them still on label rows); GPT-2 with `reorder_and_upcast_attn` "
           "keeps its attention whole (recorded in `last_block.reason`); routed-expert models keep the whole block "
           "unchanged. Rows of a batch are padded to the fullest row's label count for the attention call. The planner "
-          "(`efft estimate`) still counts only the last block's MLP as skipped, so it over-counts slightly.",
+          "(`efft estimate`) counts the last block as it runs on CPU (post-attention norms and MLP on label rows; eager: "
+          "the label rows' queries and output projection too), exact on the tests' configurations; for sdpa without a "
+          "mask it counts the whole call, an upper bound on CUDA.",
           "- Host reads: with `LabelRowsCollator` (installed on Trainer's training loader by `EfftPlugin.trainer_kwargs`, "
           "hence in `efft train`) no training forward reads from the device; a batch without it (a custom loop that does "
           "not wrap its collator, accelerate's `dispatch_batches`, this benchmark) costs one read of the label count per "

@@ -16,7 +16,9 @@
 - **activations**: bytes autograd saves for backward, from an op-by-op model of a decoder layer
   (norms, q/k/v/o, eager or SDPA attention, gated MLP, LM head + loss) as a function of batch,
   sequence, hidden, heads, KV heads, head dim, intermediate, vocab and dtype, with gradient
-  checkpointing, loss-token skipping, token elimination and activation offload applied.
+  checkpointing, loss-token skipping (the head and, as efft.sparsity.last_block restricts it, the
+  last block on label rows), token elimination, exact recompute (where a prepared model is given:
+  only on the modules it was installed on) and activation offload applied.
   With ``offload.weights`` the int8 decoder layers count 1 + ``weights_prefetch_layers`` layers on
   the device and the rest in ``host``.
 - **workspace**: the largest transient buffers (logits gradient, attention scores, MLP gradients,
@@ -59,7 +61,7 @@ from .tracker import format_bytes
 __all__ = [
     "Estimate", "estimate", "parse_size", "shipped_configs", "resolve_config", "load_shipped_config",
     "build_meta_model", "quant4_bytes", "int8_rowwise_bytes", "int8_blockwise_bytes",
-    "activation_bytes", "SUPPORTED_ACTIVATION_FAMILIES",
+    "activation_bytes", "Recomputed", "SUPPORTED_ACTIVATION_FAMILIES",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -333,6 +335,20 @@ class _Arch:
 
 SUPPORTED_ACTIVATION_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 _LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# a decoder layer's norms in the order the activation model counts them (= call order), by norms per layer
+_LAYER_NORMS = {2: ("input_layernorm", "post_attention_layernorm"),
+                4: ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")}
+
+
+@dataclass
+class Recomputed:
+    """Where efft.sparsity.recompute was installed: per decoder layer its norms (flags in
+    ``_LAYER_NORMS`` order) and its gated MLP, and the final norm. It installs per module only
+    where a probe shows the recompute exact, so a prepared model can have it on some modules only."""
+
+    norms: list[tuple[bool, ...]]
+    mlps: list[bool]
+    final_norm: bool
 
 
 # ---------------------------------------------------------------------------------- activations
@@ -362,6 +378,7 @@ def activation_bytes(
     te_extra_per_token: int = 0,
     recompute_norms: bool = False,
     recompute_mlp: bool = False,
+    recomputed: Optional[Recomputed] = None,
 ) -> dict[str, int]:
     """Bytes saved for backward (live peak) by a llama-like causal LM, component by component.
 
@@ -372,7 +389,19 @@ def activation_bytes(
     as the tracker counts it. ``input_requires_grad``: the embedding output needs a gradient (the
     embedding trains, or checkpointing made the inputs require grad). ``recompute_norms`` /
     ``recompute_mlp`` (efft.sparsity.recompute): each norm keeps only its input; the gated MLP keeps
-    gate and up but not act(gate).
+    gate and up but not act(gate); ``recomputed`` (read from a prepared model) says module by module
+    where it is installed instead (the two flags then count for nothing).
+
+    ``loss_tokens``: besides the head on label rows (``label_fraction`` of the positions), the last
+    decoder block runs as efft.sparsity.last_block does it: everything after the attention (the
+    post-attention norms, the MLP) on the label rows only and, with eager attention, the queries of
+    the label rows only (the output projection reads that compact output; keys and values stay on
+    every row). sdpa without a mask (no padding, as assumed here) runs whole: on CPU the label span's
+    lower-right causal mask is off (UNMASKED_SDPA_ON_CPU); on CUDA the span's queries only, so there
+    this is an upper bound. The query rows are those of the label rows spread evenly over the batch's
+    rows, as the collator's label rows index them (K per row = the largest count). The query
+    projection on label rows only keeps the input the key/value projections keep and the label-row
+    index the head keeps: no bytes of its own.
 
     Returns ``layer`` (one decoder layer), ``layers`` (all), ``head`` (final norm + LM head + loss),
     ``globals`` (token ids, rotary tables), ``forward`` (what is saved at the end of forward) and
@@ -386,14 +415,25 @@ def activation_bytes(
     e = dtype_bytes
     h, H, K, d, I, V = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim, arch.intermediate, arch.vocab
     b, s = batch, seq
-    mlp_inner = 2 if recompute_mlp else 3  # recompute: act(gate) is rebuilt in backward, not kept
+    def rc_norm(i: int, pos: int) -> bool:
+        """Whether norm ``pos`` of layer ``i`` (``i`` = layers: the final norm) keeps only its input."""
+        if recomputed is None:
+            return recompute_norms
+        if i == arch.layers:
+            return recomputed.final_norm
+        return i < len(recomputed.norms) and recomputed.norms[i][pos]
 
-    def norm(T: int, x_grad: bool, out_dtype_bytes: int = e) -> int:
+    def mlp_inner(i: int) -> int:
+        """Intermediate-sized tensors the MLP keeps: gate, act(gate), up (recompute: act(gate) is rebuilt in backward)."""
+        on = recompute_mlp if recomputed is None else i < len(recomputed.mlps) and recomputed.mlps[i]
+        return 2 if on else 3
+
+    def norm(T: int, x_grad: bool, out_dtype_bytes: int = e, recompute: bool = False) -> int:
         """RMSNorm: fp32 copy of x (= x itself in fp32), rsqrt; the normalized tensor when the
         weight trains (gemma: fp32 product with (1 + w), which also keeps (1 + w))."""
         if not x_grad and not norms_trainable:
             return 0
-        if recompute_norms:
+        if recompute:
             return e * T * h  # its input only (the output is recomputed in backward)
         n = 0
         if x_grad:
@@ -419,72 +459,84 @@ def activation_bytes(
         n += sum(e * T * partial_columns(fan_in, *partial) for k in kinds if k == "partial")
         return n
 
-    def layer(T: int, bb: int, ss: int, first: bool) -> int:
+    def layer(T: int, bb: int, ss: int, first: bool, i: int, rows: Optional[int] = None,
+              queries: Optional[int] = None) -> int:
+        """Layer ``i`` on T = bb x ss rows. ``rows``: what runs after the attention runs on that many
+        rows only; ``queries``: the (eager) attention computes that many query rows, bb x queries/bb
+        (loss_tokens' last block: both the label rows)."""
         x_grad = input_requires_grad or not first
         qkv_grad = x_grad or any(linears.get(k) in ("full", "lora", "partial") for k in ("q_proj", "k_proj", "v_proj"))
-        n = norm(T, x_grad)
+        P = T if rows is None else rows  # rows of everything after the attention
+        n = norm(T, x_grad, recompute=rc_norm(i, 0))
         n += linear_group(T, h, ("q_proj", "k_proj", "v_proj"))
         if qkv_grad:
             if attn == "eager":
-                n += 3 * e * T * H * d  # rotated q, repeated k, repeated v
-                n += 4 * bb * H * ss * ss  # softmax output (fp32)
+                Q = T if queries is None else queries
+                scores = bb * H * (Q // bb) * ss
+                n += e * Q * H * d + 2 * e * T * H * d  # rotated q (the query rows), repeated k, repeated v
+                n += 4 * scores  # softmax output (fp32)
                 if e != 4:
-                    n += e * bb * H * ss * ss  # its cast back to the compute dtype, saved by the matmul with v
+                    n += e * scores  # its cast back to the compute dtype, saved by the matmul with v
                 if arch.attn_softcap:
-                    n += e * bb * H * ss * ss  # tanh output of the logit soft-capping
+                    n += e * scores  # tanh output of the logit soft-capping
                 if arch.attention_dropout > 0:
-                    n += (1 + e) * bb * H * ss * ss
+                    n += (1 + e) * scores
+                if queries is not None:
+                    n += 8 * Q  # the query rows' flat index (index_select keeps only it, not q)
+                    if Q != P:
+                        n += 8 * P  # where the label rows sit among the query rows (padded rows dropped)
                 o_in_new = True
             else:
+                Q = T
                 kv = K if gqa_in_sdpa else H
                 n += e * T * H * d + 2 * e * T * kv * d  # q, k, v
                 n += e * T * H * d + 4 * bb * H * ss  # output, logsumexp
                 o_in_new = False  # o_proj reads a view of the attention output
             o_kind = linears.get("o_proj", "full")
             if o_in_new or (o_kind == "lora" and lora_bytes != e) or o_kind == "partial":
-                n += linear_group(T, H * d, ("o_proj",))
+                n += linear_group(Q, H * d, ("o_proj",))  # on the attention's compact output
             else:
                 n += sum(lora_bytes * T * lora_r for k in (o_kind,) if k == "lora")
                 if sampled_keep < 1 and o_kind == "full":
                     pass  # sampled rows are a copy; the view of the output is what stays
         else:
             n += linear_group(T, H * d, ("o_proj",))
+        mlp_norm = 1
         if arch.norms_per_layer == 4:
-            n += norm(T, True)  # post-attention norm on the attention output
-        n += norm(T, True)  # pre-MLP norm
-        n += linear_group(T, h, ("gate_proj", "up_proj"))
-        n += mlp_inner * e * T * I  # gate output (activation input), activation output, up output
-        n += linear_group(T, I, ("down_proj",))
+            n += norm(P, True, recompute=rc_norm(i, 1))  # post-attention norm on the attention output
+            mlp_norm = 2
+        n += norm(P, True, recompute=rc_norm(i, mlp_norm))  # pre-MLP norm
+        n += linear_group(P, h, ("gate_proj", "up_proj"))
+        n += mlp_inner(i) * e * P * I  # gate output (activation input), activation output, up output
+        n += linear_group(P, I, ("down_proj",))
         if arch.norms_per_layer == 4:
-            n += norm(T, True)  # post-feedforward norm
+            n += norm(P, True, recompute=rc_norm(i, 3))  # post-feedforward norm
         return n
 
     T = b * s
     kept_T = max(1, int(round(T * keep_ratio)))
     kept_s = max(1, int(round(s * keep_ratio)))
+    label_rows = min(T, max(1, int(round(T * label_fraction))))
     per_layer = []
     for i in range(arch.layers):
         if keep_ratio < 1 and i >= keep_start_layer:
-            per_layer.append(layer(kept_T, b, kept_s, i == 0) + te_extra_per_token * kept_T)
+            # (an eliminating last block gets a shorter sequence than the label rows index: it runs whole)
+            per_layer.append(layer(kept_T, b, kept_s, i == 0, i) + te_extra_per_token * kept_T)
+        elif loss_tokens and i == arch.layers - 1:
+            # efft.sparsity.last_block; its label-row index is the head's (one storage, counted there)
+            queries = b * -(-label_rows // b) if attn == "eager" else None
+            per_layer.append(layer(T, b, s, i == 0, i, rows=label_rows, queries=queries))
         else:
-            per_layer.append(layer(T, b, s, i == 0))
-    last_eliminates = keep_ratio < 1 and arch.layers - 1 >= keep_start_layer
-    if loss_tokens and not last_eliminates:
-        # the last block's MLP runs on label rows only (not combined with token elimination there)
-        T_last = kept_T if (keep_ratio < 1 and arch.layers - 1 >= keep_start_layer) else T
-        rows = min(T_last, max(1, int(round(T * label_fraction))))
-        mlp_full = (mlp_inner * e * T_last * I + linear_group(T_last, I, ("down_proj",))
-                    + linear_group(T_last, h, ("gate_proj", "up_proj")))
-        mlp_rows = mlp_inner * e * rows * I + linear_group(rows, I, ("down_proj",)) + linear_group(rows, h, ("gate_proj", "up_proj"))
-        per_layer[-1] -= mlp_full - mlp_rows
+            per_layer.append(layer(T, b, s, i == 0, i))
     layers_total = sum(per_layer)
 
     # final norm + LM head + loss
-    head = norm(T, True)
+    head = norm(T, True, recompute=rc_norm(arch.layers, 0))
     if loss_tokens:
         rows = max(1, int(round(T * label_fraction)))
         head += e * rows * h  # gradient of the gathered hidden rows, formed in forward
         head += 8 * rows  # row indices
+        head += 4  # the loss's float32 denominator (label count or num_items_in_batch)
         if head_trainable:
             head += 4 * V * h  # head weight gradient (float32), formed in forward
     else:
@@ -510,11 +562,11 @@ def activation_bytes(
     # checkpointing: only each layer's input is kept; backward recomputes one layer at a time
     inputs = arch.layers * e * T * h
     ck_fwd = inputs + head + (8 * T if embed_trainable else 0)
-    recompute = max(per_layer) + rope
-    shared_in = e * T * h if (e == 4 or recompute_norms) else 0
-    recompute -= shared_in  # the first norm keeps the (fp32) layer input itself: shared storage
+    # the first norm keeps the (fp32) layer input itself: shared storage with the checkpoint input
+    shared_in = [e * T * h if (e == 4 or rc_norm(i, 0)) else 0 for i in range(arch.layers)]
+    recompute = max((p - sh for p, sh in zip(per_layer, shared_in)), default=0) + rope
     # while layer i recomputes, inputs of layers 0..i are alive (later ones were freed)
-    during = max(((i + 1) * e * T * h + per_layer[i] + rope - shared_in) for i in range(arch.layers)) \
+    during = max(((i + 1) * e * T * h + per_layer[i] + rope - shared_in[i]) for i in range(arch.layers)) \
         if arch.layers else 0
     out.update(forward=ck_fwd, checkpoint_inputs=inputs, recompute=recompute,
                peak=max(ck_fwd, during + (8 * T if embed_trainable else 0)))
@@ -622,7 +674,7 @@ def _recipe_from(recipe: Any):
 
 
 def estimate(recipe: Any, gpu_memory: Any = None, *, nproc_per_node: int = 1, label_fraction: float = 1.0,
-             suggest: bool = True, config=None) -> Estimate:
+             suggest: bool = True, config=None, model=None) -> Estimate:
     """Predict the training peak of ``recipe`` (a Recipe, a dict or a YAML path) by category.
 
     ``gpu_memory`` (bytes or "24GB") turns on the verdict and, when it does not fit, the search
@@ -631,7 +683,9 @@ def estimate(recipe: Any, gpu_memory: Any = None, *, nproc_per_node: int = 1, la
     config to use instead of resolving ``recipe.model`` (tests). ``nproc_per_node``: the processes the
     run is launched with (torchrun's ``--nproc_per_node``); the bytes are per rank: one process's plus
     DDP's gradient buckets, or with ``train.fsdp`` the shards of rank 0 (it holds the most) plus the
-    parameters FSDP2 gathers."""
+    parameters FSDP2 gathers. ``model``: the model as efft.compose.prepare_model prepared it for this
+    recipe, where there is one: what efft.sparsity installed per module (``sparsity.recompute``) is
+    then read from it instead of assumed (suggestions are still planned from the recipe)."""
     if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be a positive integer, got {nproc_per_node!r}")
     r = _recipe_from(recipe)
@@ -643,7 +697,7 @@ def estimate(recipe: Any, gpu_memory: Any = None, *, nproc_per_node: int = 1, la
             raise ValueError("train.fsdp: " + "; ".join(f"{k}: {why}" for k, why in refused))
     gpu = parse_size(gpu_memory) if gpu_memory is not None else None
     cfg = config if config is not None else resolve_config(r.model)
-    est = _estimate(r, cfg, label_fraction, nproc=nproc_per_node)
+    est = _estimate(r, cfg, label_fraction, nproc=nproc_per_node, prepared=model)
     est.gpu_memory = gpu
     if gpu is None:
         est.fits = None
@@ -678,7 +732,7 @@ def _dtype_bytes(r) -> tuple[torch.dtype, int, Optional[int]]:
     return dt, _NBYTES[dt], autocast
 
 
-def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc: int = 1) -> Estimate:
+def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc: int = 1, prepared=None) -> Estimate:
     if cfg.model_type not in SUPPORTED_ACTIVATION_FAMILIES:
         raise ValueError(f"no activation model for model_type {cfg.model_type!r}; supported: "
                          f"{', '.join(SUPPORTED_ACTIVATION_FAMILIES)}")
@@ -996,6 +1050,14 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
     if sp.sampled_linear.enabled:
         notes.append("sampled-activation linears: saved inputs scaled by keep (approximate)")
     rc = sp.recompute
+    recomputed = None
+    if rc.enabled:
+        if prepared is None:
+            notes.append("sparsity.recompute: counted on every norm and gated MLP; efft installs it per module only "
+                         "where a probe shows it exact (estimate(..., model=<prepared model>) counts where it did)")
+        else:
+            recomputed, note = _recomputed(prepared, arch)
+            notes.append(note)
     b, s = t.per_device_train_batch_size, r.data.max_seq_length
     act = activation_bytes(
         arch, b, s, dtype_bytes=e, attn=r.model.attn_implementation, linears=kinds, lora_r=a.r, lora_bytes=4,
@@ -1003,8 +1065,14 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
         input_requires_grad=input_grad, checkpointing=ckpt, loss_tokens=sp.loss_tokens.enabled,
         label_fraction=label_fraction, keep_ratio=keep, keep_start_layer=te.start_layer, sampled_keep=sampled,
         autocast_bytes=autocast, partial=(sp.partial.fraction, sp.partial.r), te_extra_per_token=te_extra,
-        recompute_norms=rc.enabled and rc.norms, recompute_mlp=rc.enabled and rc.gated_mlp,
+        recompute_norms=rc.enabled and rc.norms, recompute_mlp=rc.enabled and rc.gated_mlp, recomputed=recomputed,
     )
+    if sp.loss_tokens.enabled and not (keep < 1 and te.start_layer <= arch.layers - 1):
+        notes.append("loss_tokens: the last block runs its post-attention norms and MLP"
+                     + (", and its attention's queries and output projection," if r.model.attn_implementation == "eager" else "")
+                     + " on the label rows only (label rows spread evenly over the batch)"
+                     + ("; sdpa without padding counted with every query, as CPU runs it (CUDA: the label span's, fewer bytes)"
+                        if r.model.attn_implementation == "sdpa" else ""))
     activations = act["peak"]
     if off.activations and s >= off.min_seq_length:
         # efft.offload.activations: tensors saved inside every decoder layer but the last go to the
@@ -1126,6 +1194,33 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer_state=opt_state_device,
                     activations=activations, workspace=workspace, total=total, host=host, details=details, notes=notes,
                     communication=communication, nproc_per_node=nproc)
+
+
+def _recomputed(model, arch: _Arch) -> tuple[Recomputed, str]:
+    """Where efft.sparsity.recompute is installed on a prepared ``model`` (its ``recompute_state``),
+    and a note saying so; nowhere when the model has none."""
+    from efft.sparsity.loss_tokens import decoder_layers, find_causal_lm
+    from efft.sparsity.recompute import recompute_state
+
+    state = recompute_state(model)
+    lm = find_causal_lm(model)
+    layers = list(decoder_layers(lm) or [])
+    if state is None:
+        return (Recomputed([(False,) * arch.norms_per_layer] * len(layers), [False] * len(layers), False),
+                "sparsity.recompute: enabled, but the model given has none installed: counted nowhere")
+    name_of = {id(m): n for n, m in lm.named_modules()}
+    norms, mlps = set(state.norms), set(state.mlps)
+    order = _LAYER_NORMS[arch.norms_per_layer]
+    per_norms = [tuple(name_of.get(id(getattr(layer, k, None))) in norms for k in order) for layer in layers]
+    per_mlp = [name_of.get(id(getattr(layer, "mlp", None))) in mlps for layer in layers]
+    inside = {name_of[id(m)] for layer in layers for m in layer.modules()}
+    final = any(n not in inside for n in norms)
+    note = (f"sparsity.recompute (read from the model): on {sum(map(sum, per_norms)) + final} norms and "
+            f"{sum(per_mlp)} of {len(layers)} gated MLPs")
+    if state.skipped:
+        shown = list(state.skipped.items())[:3]
+        note += "; left alone: " + "; ".join(f"{k}: {v}" for k, v in shown) + (" ..." if len(state.skipped) > 3 else "")
+    return Recomputed(per_norms, per_mlp, final), note
 
 
 def _fsdp_unit_bytes(model, kept_params, adapter_params, nproc: int) -> dict:

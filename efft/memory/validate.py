@@ -40,23 +40,32 @@ def build(recipe_dict: Any, seed: int = 0):
     return r, cfg, model
 
 
-def batch_for(r, cfg, seed: int = 0, label_fraction: float = 1.0) -> dict:
-    """Random ids; labels on the last ``label_fraction`` of each row (a prompt without labels before)."""
+def batch_for(r, cfg, seed: int = 0, label_fraction: float = 1.0, label_rows: bool = False) -> dict:
+    """Random ids; labels on the last ``label_fraction`` of each row (a prompt without labels before).
+    ``label_rows``: with loss-token skipping, the batch carries its label rows as training's collator
+    makes it (the last block then computes the queries of each row's labels only, not of min(labels, seq)
+    positions per row as the forward's own fallback does)."""
     g = torch.Generator().manual_seed(seed)
     b, s = r.train.per_device_train_batch_size, r.data.max_seq_length
     ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
     labels = ids.clone()
     labels[:, : s - int(round(label_fraction * s))] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if label_rows and r.sparsity.loss_tokens.enabled:
+        from efft.sparsity.label_rows import with_label_rows
+
+        batch = with_label_rows(batch)
+    return batch
 
 
 def measure_activations(recipe_dict: Any, seed: int = 0, label_fraction: float = 1.0) -> tuple[int, int]:
-    """(predicted, measured) peak live saved-tensor bytes over one forward + backward."""
+    """(predicted, measured) peak live saved-tensor bytes over one forward + backward; the planner
+    is given the prepared model (it reads what efft.sparsity installed)."""
     r, cfg, model = build(recipe_dict, seed)
-    batch = batch_for(r, cfg, seed, label_fraction)
+    batch = batch_for(r, cfg, seed, label_fraction, label_rows=True)
     with count_saved_tensors(model) as c:
         model(**batch).loss.backward()
-    pred = est.estimate(recipe_dict, label_fraction=label_fraction).details["activation_parts"]["peak"]
+    pred = est.estimate(recipe_dict, label_fraction=label_fraction, model=model).details["activation_parts"]["peak"]
     return pred, c.peak_bytes
 
 
@@ -97,7 +106,7 @@ def measure_peak(recipe_dict: Any, seed: int = 0, label_fraction: float = 1.0) -
 
     r, cfg, model = build(recipe_dict, seed)
     opt = build_optimizer(model, r.optim, lr=1e-3)
-    batch = batch_for(r, cfg, seed, label_fraction)
+    batch = batch_for(r, cfg, seed, label_fraction, label_rows=True)
 
     def step():
         model(**batch).loss.backward()
@@ -108,7 +117,7 @@ def measure_peak(recipe_dict: Any, seed: int = 0, label_fraction: float = 1.0) -
     with LiveTensorBytes() as live:
         step()
     static = weight_bytes(model)["total"] + optimizer_state_bytes(opt)
-    e = est.estimate(recipe_dict, label_fraction=label_fraction)
+    e = est.estimate(recipe_dict, label_fraction=label_fraction, model=model)
     pred_static = e.weights + e.adapters + e.optimizer_state
     return {"total": (e.total, static + live.peak_bytes), "dynamic": (e.total - pred_static, live.peak_bytes),
             "static": (pred_static, static)}
