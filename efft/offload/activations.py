@@ -47,7 +47,9 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     best = None
     for name, mod in model.named_modules():
         for child_name, child in mod.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) >= 1 and len({type(c) for c in child}) == 1:
+            # same type up to efft's class swaps (loss_tokens' last block, recompute: same-name subclasses)
+            if isinstance(child, nn.ModuleList) and len(child) >= 1 and len({getattr(type(c), "_efft_base_class", type(c))
+                                                                              for c in child}) == 1:
                 n = sum(p.numel() for p in child.parameters())
                 if best is None or n > best[0]:
                     best = (n, mod, child)

@@ -110,3 +110,19 @@ def test_interleaved_forwards_without_checkpointing_still_match_dense():
     loss, _ = _step(sparse.train(), with_label_rows(a), with_label_rows(b))
     assert _rel(loss, ref_loss) <= TOL
     _assert_grads_equal(dense, sparse, TOL)
+
+
+def test_swapped_last_layer_class_still_reads_as_a_decoder_layer():
+    """The last layer's class becomes a same-name subclass: code that looks for a list of same-type
+    blocks (activation offload) must still find the decoder layers, and removal restores the class."""
+    from efft.offload.activations import find_decoder_layers
+    from efft.sparsity.loss_tokens import decoder_layers, remove_loss_tokens
+
+    model = tiny_model("llama", layers=3)
+    cls = type(decoder_layers(model)[-1])
+    apply_loss_tokens(model)
+    layers = decoder_layers(model)
+    assert type(layers[-1]) is not cls and isinstance(layers[-1], cls) and type(layers[-1]).__name__ == cls.__name__
+    assert find_decoder_layers(model)[1] is layers
+    remove_loss_tokens(model)
+    assert type(layers[-1]) is cls and "_efft_last_block" not in layers[-1].__dict__
