@@ -258,6 +258,11 @@ class TokenEliminationConfig(Section):
     start_layer: int = Field(1, ge=0)
     unbiased: bool = Field(False, description="Keep with probability p and reweight by 1/p instead of top-k (unbiased).")
     min_seq_length: int = Field(0, ge=0)
+    score: Literal["mean_distance", "attention"] = Field(
+        "mean_distance", description="Token score: distance from the sequence mean, or LeMo's attention informativeness "
+        "(positive attention logits a token receives, from the layer's own queries and keys).")
+    score_queries: StrictInt = Field(128, ge=1, description="score attention: query rows per sequence (loss rows first); "
+                                     "cost per layer O(score_queries x seq) scores per head.")
 
     @field_validator("keep_ratio")
     @classmethod
@@ -267,6 +272,13 @@ class TokenEliminationConfig(Section):
         if bad:
             raise ValueError(f"keep_ratio must be in (0, 1], got {bad}")
         return v
+
+    @model_validator(mode="after")
+    def _score_needs_topk(self):
+        if self.score == "attention" and self.unbiased:
+            raise ValueError("score attention with unbiased: true: the unbiased option draws the kept tokens uniformly "
+                             "at random and reads no score (choose one)")
+        return self
 
 
 class SampledLinearConfig(Section):

@@ -98,6 +98,19 @@ def test_keep_ratio_out_of_range(data_file):
     assert "(0, 1]" in p["sparsity.token_elimination.keep_ratio"]
 
 
+def test_token_elimination_score(data_file):
+    d = base(data_file)
+    d["sparsity"] = {"token_elimination": {"enabled": True, "score": "attn", "score_queries": 0}}
+    p = problems(d)
+    assert "mean_distance" in p["sparsity.token_elimination.score"] and "attention" in p["sparsity.token_elimination.score"]
+    assert "greater than or equal to 1" in p["sparsity.token_elimination.score_queries"]
+    d["sparsity"] = {"token_elimination": {"enabled": True, "score": "attention", "unbiased": True}}
+    assert "reads no score" in problems(d)["sparsity.token_elimination"]
+    d["sparsity"] = {"token_elimination": {"enabled": True, "score": "attention", "score_queries": 64}}
+    r = config.validate(d)
+    assert r.sparsity.token_elimination.score == "attention" and r.sparsity.token_elimination.score_queries == 64
+
+
 def test_cross_section_rules(data_file):
     d = base(data_file)
     d["quant"] = {"type": "int8", "trainable": True}

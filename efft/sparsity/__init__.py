@@ -76,6 +76,9 @@ def sparsity_problems(cfg: Any) -> list[tuple[str, str]]:
         m = _get(te, "min_seq_length", 0)
         if not (isinstance(m, int) and not isinstance(m, bool) and m >= 0):
             p.append(("sparsity.token_elimination.min_seq_length", f"must be an integer >= 0, got {m!r}"))
+        from .token_elimination import score_problems
+
+        p += score_problems(_get(te, "score", "mean_distance"), _get(te, "score_queries", 128), _get(te, "unbiased", False))
     if _get(sl, "enabled", False):
         if not _ratio_ok(_get(sl, "keep", 0.3)):
             p.append(("sparsity.sampled_linear.keep", f"must be in (0, 1], got {_get(sl, 'keep')!r}"))
@@ -129,7 +132,8 @@ def apply_sparsity(model: nn.Module, cfg: Any) -> nn.Module:
         apply_loss_tokens(model, chunk_size=_get(lt, "chunk_size", 1024))
     if _get(te, "enabled", False):
         apply_token_elimination(model, keep_ratio=_get(te, "keep_ratio", 0.5), start_layer=_get(te, "start_layer", 1),
-                                unbiased=bool(_get(te, "unbiased", False)), min_seq_length=_get(te, "min_seq_length", 0))
+                                unbiased=bool(_get(te, "unbiased", False)), min_seq_length=_get(te, "min_seq_length", 0),
+                                score=_get(te, "score", "mean_distance"), score_queries=_get(te, "score_queries", 128))
     if _get(pa, "enabled", False):
         apply_partial(model, fraction=_get(pa, "fraction"), target_modules=_get(pa, "target_modules", "all-linear"),
                       seed=_get(pa, "seed", 0), r=_get(pa, "r"))
@@ -156,3 +160,9 @@ def _check_elimination_model(model: nn.Module, te: Any) -> None:
     impl = getattr(lm.config, "_attn_implementation", None) or "eager"
     if impl not in ("eager", "sdpa"):
         raise ValueError(f"sparsity.token_elimination needs attn_implementation eager or sdpa; the model uses {impl!r}")
+    if _get(te, "score", "mean_distance") == "attention":
+        from .token_elimination import _per_layer, attention_score_problem
+
+        reason = attention_score_problem(layers, _per_layer(kr, len(layers), _get(te, "start_layer", 1)))
+        if reason:
+            raise ValueError(reason)

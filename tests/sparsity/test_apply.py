@@ -170,3 +170,77 @@ def test_recipe_path_trainable_int8_with_sampled_linear():
     model.train()
     model(**tiny_batch(seq=24, label_fraction=0.4)).loss.backward()
     assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in names.values())
+
+
+def test_attention_score_with_lora_dropout_and_checkpointing_matches_without():
+    """score attention with few sampled queries (a random draw per layer), peft LoRA with dropout on
+    q/k/v, loss-token skipping: gradient checkpointing's recompute picks the same queries and tokens
+    (the global generator is restored), so every gradient matches the run without it."""
+    peft = pytest.importorskip("peft")
+    cfg = _cfg(loss_tokens={}, token_elimination=dict(keep_ratio=0.4, start_layer=0, score="attention", score_queries=3))
+
+    def build():
+        m = peft.get_peft_model(tiny_model("llama", layers=3),
+                                peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"]))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+        return apply_sparsity(m, cfg)
+
+    a, b = build(), build()
+    b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = tiny_batch(seq=24, label_fraction=0.3, seed=2)
+    kept = []
+    for m in (a, b):
+        m.train()
+        torch.manual_seed(7)
+        m(**batch).loss.backward()
+        kept.append({i: t.clone() for i, t in m.base_model.model._efft_token_elimination.last_kept.items()})
+    assert kept[0].keys() == {0, 1, 2} and all(torch.equal(kept[0][i], kept[1][i]) for i in kept[0])
+    ga, gb = _grads(a), _grads(b)
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [dict(sampled_linear=dict(keep=0.5)), dict(partial=dict(fraction=0.1))],
+                         ids=["sampled_linear", "partial"])
+def test_attention_score_with_other_methods(extra):
+    model = apply_sparsity(tiny_model("qwen2", layers=3),
+                           _cfg(loss_tokens={}, token_elimination=dict(keep_ratio=0.5, score="attention"), **extra))
+    model.train()
+    model(**tiny_batch(seq=24, label_fraction=0.4)).loss.backward()
+    assert set(model._efft_token_elimination.last_kept) == {1, 2}
+    assert any(p.grad is not None for p in model.parameters())
+
+
+def test_attention_score_on_qlora_recipe():
+    """Built by efft.compose.prepare_model: NF4 base + LoRA, the score calls the quantized q/k projections."""
+    from tests.memory.harness import batch_for, build, recipe, tiny_block
+
+    r, cfg, model = build(recipe(tiny_block("llama", layers=3), 2, 32, "sdpa", False,
+                                 quant={"type": "nf4", "compute_dtype": "float32"}, adapter={"type": "lora", "r": 8},
+                                 sparsity={"token_elimination": {"enabled": True, "keep_ratio": 0.5, "score": "attention"}}))
+    from efft.sparsity.loss_tokens import find_causal_lm
+
+    state = find_causal_lm(model)._efft_token_elimination
+    assert state.score == "attention" and "Quant" in type(state.attention_parts[1].k_proj.base_layer).__name__
+    batch = batch_for(r, cfg)
+    batch["labels"][:, :20] = -100
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and set(state.last_kept) == {1, 2}
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_attention_score_refused_before_anything_is_installed():
+    model = tiny_model("gpt2", layers=2)
+    with pytest.raises(ValueError, match="score: attention cannot score decoder layer 1: GPT2Block has no input_layernorm"):
+        apply_sparsity(model, _cfg(loss_tokens={}, token_elimination=dict(keep_ratio=0.5, score="attention")))
+    assert not hasattr(model, "_efft_loss_tokens") and not hasattr(model, "_efft_token_elimination")
+    problems = dict(sparsity_problems(SimpleNamespace(token_elimination=SimpleNamespace(
+        enabled=True, keep_ratio=0.5, score="attention", unbiased=True, score_queries=0))))
+    assert "reads no score" in problems["sparsity.token_elimination.score"]
+    assert "integer >= 1" in problems["sparsity.token_elimination.score_queries"]

@@ -211,3 +211,180 @@ def test_eliminated_layer_saves_only_kept_tokens(family, unbiased):
     print(f"{family} layer 1 saved bytes: dense {sizes[0]} eliminated {sizes[1]} bound {bound:.0f}")
     assert sizes[1] <= bound
     assert sizes[1] >= 0.9 * k / s * sizes[0]  # the counter sees the layer's activations
+
+
+# ------------------------------------------------------------------------------------ attention score
+def _eager_reference(model, layer, batch, monkeypatch):
+    """Run ``model`` (eager) once and return the layer's input and call kwargs, and LeMo's
+    informativeness computed from the query/key states transformers' own eager attention received:
+    I_j = sum_{i != j, unmasked} mean_h relu(scaling * q_i . k_j) (softcapped where the model does),
+    per query row (B, S_query, S_key). The captured logits are checked to give eager's probabilities."""
+    import sys
+
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    attn = layer.self_attn
+    mod = sys.modules[type(attn).__module__]
+    seen = {}
+    orig = mod.eager_attention_forward
+
+    def capture(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
+        out, weights = orig(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
+        if module is attn:
+            seen.update(q=query, k=key, mask=attention_mask, scaling=scaling, softcap=kw.get("softcap"), weights=weights)
+        return out, weights
+
+    def pre(mod_, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+        seen["kwargs"] = dict(kwargs)
+
+    monkeypatch.setattr(mod, "eager_attention_forward", capture)
+    hook = layer.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+    k = repeat_kv(seen["k"], seen["q"].shape[1] // seen["k"].shape[1])
+    logits = torch.matmul(seen["q"], k.transpose(2, 3)) * seen["scaling"]
+    if seen["softcap"] is not None:
+        logits = torch.tanh(logits / seen["softcap"]) * seen["softcap"]
+    mask = seen["mask"]
+    probs = torch.softmax(logits + mask, dim=-1)
+    torch.testing.assert_close(probs, seen["weights"])  # the logits are eager's own
+    s = logits.shape[-1]
+    allowed = (mask > torch.finfo(mask.dtype).min / 2) & ~torch.eye(s, dtype=torch.bool)
+    per_query = (logits.clamp_min(0) * allowed).mean(dim=1)  # (B, S_query, S_key): mean over heads
+    return seen["h"], seen["kwargs"], per_query
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "llama+lora"])
+def test_attention_score_equals_eager_reference(family, monkeypatch):
+    """With every row as a query, the attention score equals LeMo's Eq. 1-2 (token granularity)
+    computed from the query/key states of transformers' own eager attention, on a batch with a
+    left-padded row; llama+lora: peft LoRA on q_proj/k_proj (B non-zero, dropout 0.1, model in train
+    mode: the score calls the LoRA modules without dropout). qwen3: per-head q/k norms; gemma2:
+    softcapping (0.05, below the logits' spread) and a sliding window (3) on layer 0."""
+    from efft.sparsity.token_elimination import attention_informativeness, attention_parts
+
+    fam = family.split("+")[0]
+    extra = dict(sliding_window=3, attn_logit_softcapping=0.05) if fam == "gemma2" else {}
+    model = tiny_model(fam, layers=2, heads=4, **extra)
+    if family.endswith("lora"):
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    lm = model.base_model.model if family.endswith("lora") else model
+    batch = tiny_batch(batch=2, seq=20, seed=3)
+    batch["attention_mask"][1, :3] = 0  # row 1 left-padded
+    for layer_i in (0, 1):
+        layer = lm.model.layers[layer_i]
+        model.eval()
+        h, kw, per_query = _eager_reference(model, layer, batch, monkeypatch)
+        ref = per_query.sum(dim=1)
+        parts = attention_parts(layer)
+        assert not isinstance(parts, str), parts
+        model.train()
+        queries = torch.arange(20).expand(2, 20)
+        with torch.no_grad():
+            got = attention_informativeness(parts, h, queries, kw.get("attention_mask"), kw.get("position_embeddings"))
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        assert float(ref.std()) > 0.01 * float(ref.mean())  # not a constant: the test can tell tokens apart
+        # a sample of query rows: exactly the reference's sum over those rows
+        sample = torch.tensor([[2, 5, 11, 19], [0, 7, 8, 15]])
+        with torch.no_grad():
+            got = attention_informativeness(parts, h, sample, kw.get("attention_mask"), kw.get("position_embeddings"))
+        torch.testing.assert_close(got, per_query.gather(1, sample[..., None].expand(2, 4, 20)).sum(1), rtol=1e-5, atol=1e-6)
+    if family.endswith("lora"):  # the adapters count: the base model's keys and queries score differently
+        with model.disable_adapter(), torch.no_grad():
+            base = attention_informativeness(parts, h, queries, kw.get("attention_mask"), kw.get("position_embeddings"))
+        assert not torch.allclose(base, ref, rtol=1e-3)
+
+
+def test_attention_score_sdpa_without_mask_is_causal(monkeypatch):
+    """sdpa without padding passes no mask (is_causal): the score uses the causal pairs itself."""
+    from efft.sparsity.token_elimination import attention_informativeness, attention_parts
+
+    model = tiny_model("llama", layers=2)
+    batch = tiny_batch(batch=2, seq=16, seed=4)
+    layer = model.model.layers[1]
+    model.eval()
+    _, _, per_query = _eager_reference(model, layer, batch, monkeypatch)
+    model.config._attn_implementation = "sdpa"
+    seen = {}
+    hook = layer.register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0] if a else k["hidden_states"], kw=dict(k)),
+                                           with_kwargs=True)
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "attention_mask"})
+    hook.remove()
+    assert seen["kw"].get("attention_mask") is None
+    with torch.no_grad():
+        got = attention_informativeness(attention_parts(layer), seen["h"], torch.arange(16).expand(2, 16), None,
+                                        seen["kw"]["position_embeddings"])
+    torch.testing.assert_close(got, per_query.sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_score_queries_and_wiring():
+    """score_queries: every loss row (random ones when more than n), topped up with other rows; the
+    wrapped layer keeps the top-k of the attention score over those queries."""
+    from efft.sparsity.token_elimination import attention_informativeness, attention_parts, score_queries
+
+    rows = torch.zeros(2, 30, dtype=torch.bool)
+    rows[0, 20:] = True  # 10 loss rows
+    rows[1, 5:25] = True  # 20 loss rows
+    torch.manual_seed(0)
+    q = score_queries(rows, 12)
+    assert q.shape == (2, 12) and bool((q.diff(dim=1) > 0).all())
+    assert set(range(20, 30)) <= set(q[0].tolist())  # all 10 loss rows, plus 2 others
+    assert bool(rows[1].gather(0, q[1]).all())  # 12 of the 20 loss rows, nothing else
+    assert torch.equal(score_queries(rows, 30), torch.arange(30).expand(2, 30))
+
+    model = apply_token_elimination(tiny_model("qwen2", layers=3), keep_ratio=0.5, start_layer=1, score="attention",
+                                    score_queries=8)
+    state = model._efft_token_elimination
+    assert state.score == "attention" and set(state.attention_parts) == {1, 2}
+    batch = _prompt_batch(seq=30, seed=2)  # 10 loss rows per sequence (the last third), 8 sampled
+    seen = {}
+    layer = model.model.layers[1]
+    hook = layer.register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0] if a else k["hidden_states"], kw=dict(k)),
+                                           with_kwargs=True)
+    model.train()
+    torch.manual_seed(5)
+    model(**batch).loss.backward()
+    hook.remove()
+    loss_rows = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:] != -100
+    torch.manual_seed(5)  # layer 1 is the first to draw: the same query rows
+    with torch.no_grad():
+        score = attention_informativeness(attention_parts(layer), seen["h"], score_queries(loss_rows, 8),
+                                          seen["kw"].get("attention_mask"), seen["kw"]["position_embeddings"])
+    forced = loss_rows.clone()
+    forced[:, 0] = True
+    idx, _ = choose_tokens(score, forced, 0.5, unbiased=False)
+    assert torch.equal(state.last_kept[1], idx)
+    mean_idx, _ = choose_tokens(__import__("efft.sparsity.token_elimination", fromlist=["x"]).informativeness(seen["h"]),
+                                forced, 0.5, unbiased=False)
+    assert not torch.equal(mean_idx, idx)  # a different choice than the mean-distance score on the same input
+
+
+def test_attention_score_refuses_what_it_cannot_score():
+    with pytest.raises(ValueError, match="decoder layer 1: GPT2Block has no input_layernorm"):
+        apply_token_elimination(tiny_model("gpt2", layers=2), score="attention")
+    m = tiny_model("llama", layers=2)
+    m.model.layers[1].self_attn.qk_scale = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"decoder layer 1: LlamaAttention has submodules \['qk_scale'\]"):
+        apply_token_elimination(m, score="attention")
+    apply_token_elimination(m, score="attention", keep_ratio=[0.5, 1.0], start_layer=0)  # layer 1 eliminates nothing
+    m = tiny_model("llama", layers=2)
+    m.config.partial_rotary_factor = 0.5
+    with pytest.raises(ValueError, match="partial rotary"):
+        apply_token_elimination(m, score="attention")
+    with pytest.raises(ValueError, match="uniformly at random and reads no score"):
+        apply_token_elimination(tiny_model("llama"), score="attention", unbiased=True)
+    with pytest.raises(ValueError, match="score must be one of mean_distance, attention"):
+        apply_token_elimination(tiny_model("llama"), score="attn")
+    with pytest.raises(ValueError, match="score_queries must be an integer >= 1"):
+        apply_token_elimination(tiny_model("llama"), score="attention", score_queries=0)
