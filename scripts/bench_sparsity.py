@@ -192,7 +192,79 @@ def quality():
     _, out["te_keep0.5"] = train_losses(apply_token_elimination(pretrained_base(), keep_ratio=0.5, start_layer=1), 40, 3e-3, **kw)
     _, out["te_keep0.5_unbiased"] = train_losses(
         apply_token_elimination(pretrained_base(), keep_ratio=0.5, start_layer=1, unbiased=True), 40, 3e-3, **kw)
+    out["te_scores"] = score_comparison()
     return out
+
+
+SCORE_SETTINGS = [dict(prompt=16, keep=0.5, start=1), dict(prompt=24, keep=0.4, start=0),
+                  dict(prompt=28, keep=0.4, start=0), dict(prompt=24, keep=0.5, start=1)]
+SCORE_METHODS = {"dense": None, "mean_distance": {}, "attention": {"score": "attention"},
+                 "attention, 4 queries": {"score": "attention", "score_queries": 4}, "unbiased (random)": {"unbiased": True}}
+
+
+def score_comparison(seeds=range(10)):
+    """Token elimination's scores on the task of the quality check (same base, seq 32, strides 4..5,
+    40 AdamW steps at 3e-3), per setting and seed: held-out loss (dense layers) of dense fine-tuning,
+    mean_distance, attention (every row a query: LeMo's sum exactly), attention over 4 sampled
+    queries, and the unbiased option (uniform random tokens, reweighted). Seed s: training batches
+    from 1000 s, torch.manual_seed(s) before each run (the same for every method)."""
+    from efft.sparsity import apply_token_elimination
+    from tests.sparsity.task import pretrained_base, train_losses
+
+    out = []
+    for st in SCORE_SETTINGS:
+        kw = dict(seq=32, vocab=32, strides=(4, 5), prompt=st["prompt"])
+        res = {name: [] for name in SCORE_METHODS}
+        for seed in seeds:
+            for name, te in SCORE_METHODS.items():
+                m = pretrained_base()
+                if te is not None:
+                    m = apply_token_elimination(m, keep_ratio=st["keep"], start_layer=st["start"], **te)
+                torch.manual_seed(seed)
+                res[name].append(train_losses(m, 40, 3e-3, seed=1000 * seed, **kw)[1])
+            print(f"[quality] scores {st} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in res.items()), flush=True)
+        out.append(dict(st, seeds=list(seeds), held=res))
+    return out
+
+
+def score_section(rows, command):
+    """The card's subsection comparing token elimination's scores (see score_comparison)."""
+    import math
+    import statistics as st
+
+    def ms(v):
+        return f"{st.mean(v):.4f} ± {st.stdev(v):.4f}"
+
+    n = len(rows[0]["seeds"])
+    L = ["### Token elimination score: mean_distance vs attention (LeMo's informativeness)", "",
+         f"Same base and task as the row above (seq 32, strides 4..5, 40 AdamW steps at 3e-3, held-out loss in nats/token "
+         f"evaluated dense), {n} seeds (training batches and torch's generator differ per seed, the same for every method "
+         "of a seed); mean ± sample standard deviation over seeds. Forced tokens: the loss rows (seq - prompt) and "
+         "position 0; kept per row: max(ceil(keep x 32), forced), the rest chosen by the score. `attention` uses every "
+         "row as a query (LeMo's sum exactly); `attention, 4 queries` the estimator with score_queries 4 (loss rows "
+         "first). Paired: attention - mean_distance per seed (negative: attention better). Machine: the shared "
+         f"2-core CPU of this card (tiny model, ~1-2 minutes in all). Command: `{command}`.", "",
+         "| prompt (unlabeled) | keep, from layer | chosen by score / eliminable | " + " | ".join(SCORE_METHODS) +
+         " | paired attention - mean_distance | seeds attention < mean_distance | clearly apart |",
+         "|---|---|---|" + "---|" * len(SCORE_METHODS) + "---|---|---|"]
+    verdicts = []
+    for r in rows:
+        forced = 32 - r["prompt"] + 1
+        k = max(math.ceil(r["keep"] * 32), forced)  # as choose_tokens
+        d = [a - m for a, m in zip(r["held"]["attention"], r["held"]["mean_distance"])]
+        spread = max(st.stdev(d), st.stdev(r["held"]["attention"]), st.stdev(r["held"]["mean_distance"]))
+        apart = abs(st.mean(d)) > spread
+        verdicts.append(("attention" if st.mean(d) < 0 else "mean_distance") if apart else None)
+        L.append(f"| {r['prompt']} | {r['keep']}, {r['start']} | {k - forced} / {32 - forced} | "
+                 + " | ".join(ms(r["held"][name]) for name in SCORE_METHODS)
+                 + f" | {st.mean(d):+.4f} ± {st.stdev(d):.4f} | {sum(x < 0 for x in d)} / {len(d)} | "
+                 + (f"yes, {verdicts[-1]} better" if apart else "no") + " |")
+    better = [v for v in verdicts if v]
+    L += ["", "Clearly apart: |paired mean| above the largest of the paired differences' and the two methods' standard "
+          "deviations over seeds. " + (f"Rows clearly apart: {len(better)} of {len(rows)} ({', '.join(better)} better); "
+                                       if better else f"No row is clearly apart ({len(rows)} settings); ")
+          + "the default score stays mean_distance unless attention is clearly better where the score decides.", ""]
+    return L
 
 
 def mib(b):
@@ -309,6 +381,8 @@ def write_card(res, q, args, device_desc, path, commands):
             L += [f"| WTA-CRS keep 0.3 vs exact gradients, full fine-tuning (seq 16) | {q['paca_start']:.3f} | "
                   f"{q['paca_full_ft']:.3f} | {q['wta_keep0.3']:.3f} | within 0.1 of exact |"]
         L.append("")
+        if q.get("te_scores"):
+            L += score_section(q["te_scores"], commands.get("quality", ""))
     L += ["## Exactness and statistics (tests/sparsity)", "",
           "| method | kind | what the tests check |", "|---|---|---|",
           "| loss_tokens | exact | loss and every parameter gradient = the model's own dense forward, within 1e-5 relative in "
@@ -364,7 +438,10 @@ def write_card(res, q, args, device_desc, path, commands):
           "frozen base, plain or QuantLinear, keeps no input for a weight gradient, so there is nothing to sample there. "
           "Without `recompute`, the norms keep their normalized outputs and the MLP act(gate), which limits what sampling "
           "the linears saves; efft does not sample the attention matmuls (sdpa keeps q, k, v and its output).",
-          "- Token elimination scores tokens by their distance from the sequence mean, not LeMo's learned predictor.", ""]
+          "- Token elimination scores tokens by their distance from the sequence mean by default; `score: attention` "
+          "computes LeMo's informativeness (positive attention logits received, from the layer's own queries and keys) over "
+          "sampled query rows instead of LeMo's learned predictor, and keeps the keep_ratio top-k instead of LeMo's "
+          "per-layer thresholds.", ""]
     path.write_text("\n".join(L))
 
 
