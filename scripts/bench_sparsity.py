@@ -245,9 +245,9 @@ def score_section(rows, command):
          "first). Paired: attention - mean_distance per seed (negative: attention better). Machine: the shared "
          f"2-core CPU of this card (tiny model, ~1-2 minutes in all). Command: `{command}`.", "",
          "| prompt (unlabeled) | keep, from layer | chosen by score / eliminable | " + " | ".join(SCORE_METHODS) +
-         " | paired attention - mean_distance | seeds attention < mean_distance | clearly apart |",
-         "|---|---|---|" + "---|" * len(SCORE_METHODS) + "---|---|---|"]
-    verdicts = []
+         " | paired attention - mean_distance | paired t | seeds attention < mean_distance | clearly apart |",
+         "|---|---|---|" + "---|" * len(SCORE_METHODS) + "---|---|---|---|"]
+    verdicts, chance = [], []
     for r in rows:
         forced = 32 - r["prompt"] + 1
         k = max(math.ceil(r["keep"] * 32), forced)  # as choose_tokens
@@ -255,15 +255,26 @@ def score_section(rows, command):
         spread = max(st.stdev(d), st.stdev(r["held"]["attention"]), st.stdev(r["held"]["mean_distance"]))
         apart = abs(st.mean(d)) > spread
         verdicts.append(("attention" if st.mean(d) < 0 else "mean_distance") if apart else None)
+        se = st.stdev(d) / math.sqrt(len(d))
+        if k > forced:  # the score decides: is either score below the uniform random pick?
+            best = min(("mean_distance", "attention"), key=lambda m: st.mean(r["held"][m]))
+            chance.append((r, best, st.mean(r["held"][best]) < st.mean(r["held"]["unbiased (random)"])))
         L.append(f"| {r['prompt']} | {r['keep']}, {r['start']} | {k - forced} / {32 - forced} | "
                  + " | ".join(ms(r["held"][name]) for name in SCORE_METHODS)
-                 + f" | {st.mean(d):+.4f} ± {st.stdev(d):.4f} | {sum(x < 0 for x in d)} / {len(d)} | "
+                 + f" | {st.mean(d):+.4f} ± {st.stdev(d):.4f} | " + (f"{st.mean(d) / se:+.1f}" if se > 0 else "-")
+                 + f" | {sum(x < 0 for x in d)} / {len(d)} | "
                  + (f"yes, {verdicts[-1]} better" if apart else "no") + " |")
     better = [v for v in verdicts if v]
     L += ["", "Clearly apart: |paired mean| above the largest of the paired differences' and the two methods' standard "
           "deviations over seeds. " + (f"Rows clearly apart: {len(better)} of {len(rows)} ({', '.join(better)} better); "
                                        if better else f"No row is clearly apart ({len(rows)} settings); ")
-          + "the default score stays mean_distance unless attention is clearly better where the score decides.", ""]
+          + "the default score stays mean_distance unless attention is clearly better where the score decides. "
+          "Paired t: the paired mean over its standard error (sd / sqrt(seeds)), a looser reading of the same numbers. "
+          + (f"Against chance: where the score picks tokens ({len(chance)} rows), the better score's mean is below the "
+             f"uniform random pick's (`unbiased`) in {sum(c[2] for c in chance)}; "
+             + ("so on this tiny task the scores do not find redundant tokens better than chance, and their value on real "
+                "text is not measured here." if not any(c[2] for c in chance) else "see the rows.")
+             if chance else ""), ""]
     return L
 
 
