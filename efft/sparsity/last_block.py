@@ -71,6 +71,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .instance_forward import InstanceForward
 from .label_rows import LabelRows
 from .per_forward import PerForward
 
@@ -101,6 +102,11 @@ class LastBlock:
         self.restrict_queries = False  # this forward: the attention takes the label-row path (decided before q_proj)
         self._undo: list[Callable[[], None]] = []
         self._unwrap: dict[str, Callable[[], None]] = {}
+
+    def __getstate__(self):  # a copy or pickle of the model starts between forwards: no rows, no stashed output
+        state = dict(self.__dict__)
+        state.update(rows=None, stash=None, after_attention=False, restrict_queries=False)
+        return state
 
     @property
     def restricts_attention(self) -> bool:
@@ -245,16 +251,6 @@ def _span_attention(module: nn.Module, block: LastBlock, rows: LabelRows, query,
     return _scatter(block, rows, compact, pick, b, q_len, out.shape[2:])
 
 
-def _restore_forward(module: nn.Module, wrapper: Callable, own: Optional[Callable]) -> None:
-    """Undo an instance-level forward ``wrapper``, putting back the instance-level forward it wrapped
-    (``own``, another efft wrapper) or the class's."""
-    if module.__dict__.get("forward") is wrapper:
-        if own is not None:
-            module.forward = own
-        else:
-            del module.forward
-
-
 class _QueryRows(torch.autograd.Function):
     """``linear(x, weight, bias)`` on the rows ``index`` of ``x`` (N, X), zeros elsewhere. Saves ``x``
     itself (the tensor the key/value projections keep anyway, so no new bytes) and the index, and
@@ -303,6 +299,25 @@ def _decide(attn: nn.Module, block: LastBlock, args, kwargs) -> None:
         block.restrict_queries = torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[2] in (1, x.shape[1])
 
 
+class _QueryProjection(InstanceForward):
+    """``q_proj`` on the label rows only when this forward's attention restricts (see
+    :func:`_wrap_query_projection`)."""
+
+    def __init__(self, q: nn.Linear, block: LastBlock):
+        super().__init__(q)
+        self.block = block
+
+    def forward(self, x, *args, **kwargs):
+        q, block = self.module, self.block
+        rows = block.rows
+        if not (block.restrict_queries and not args and not kwargs and torch.is_tensor(x) and x.dim() == 3
+                and rows is not None and tuple(x.shape[:2]) == rows.shape and not torch.is_autocast_enabled(x.device.type)):
+            # under autocast the dense call keeps a cast copy, not ``x``: saving ``x`` here would add bytes
+            return self.inner(x, *args, **kwargs)
+        y = _QueryRows.apply(x.reshape(-1, x.shape[-1]), rows.rows, q.weight, q.bias)
+        return y.view(*x.shape[:2], -1)
+
+
 def _wrap_query_projection(attn: nn.Module, block: LastBlock) -> Optional[str]:
     """Run the attention's ``q_proj`` (a plain ``nn.Linear``) on label rows only when this forward's
     attention restricts; None (left on every row) for other projections (peft LoRA, quantized: their
@@ -310,19 +325,7 @@ def _wrap_query_projection(attn: nn.Module, block: LastBlock) -> Optional[str]:
     q = getattr(attn, "q_proj", None)
     if type(q) is not nn.Linear:
         return None
-    own = q.__dict__.get("forward")
-
-    def forward(x, *args, **kwargs):
-        rows = block.rows
-        if not (block.restrict_queries and not args and not kwargs and torch.is_tensor(x) and x.dim() == 3
-                and rows is not None and tuple(x.shape[:2]) == rows.shape and not torch.is_autocast_enabled(x.device.type)):
-            # under autocast the dense call keeps a cast copy, not ``x``: saving ``x`` here would add bytes
-            return own(x, *args, **kwargs) if own is not None else type(q).forward(q, x, *args, **kwargs)
-        y = _QueryRows.apply(x.reshape(-1, x.shape[-1]), rows.rows, q.weight, q.bias)
-        return y.view(*x.shape[:2], -1)
-
-    q.forward = forward
-    block._undo.append(lambda: _restore_forward(q, forward, own))
+    block._undo.append(_QueryProjection(q, block).install().restore)
     return "q_proj"
 
 
@@ -331,6 +334,44 @@ def _register() -> None:
 
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, label_rows_attention)
+
+
+class _RowWise(InstanceForward):
+    """A per-row map of (B, S, X) run on the label rows only (see :func:`_wrap_rowwise`)."""
+
+    def __init__(self, module: nn.Module, name: str, block: LastBlock, mode: str):
+        super().__init__(module)
+        self.name, self.block, self.mode = name, block, mode
+
+    def forward(self, x, *args, **kwargs):
+        block, mode = self.block, self.mode
+        rows = block.rows
+        if (rows is None or args or kwargs or not torch.is_tensor(x) or x.dim() != 3 or tuple(x.shape[:2]) != rows.shape
+                or (mode == "after" and not block.after_attention)):
+            return self.inner(x, *args, **kwargs)
+        pick = None
+        if mode == "output":
+            full, compact, pick = block.stash if block.stash is not None else (None, None, None)
+            if full is None or x.data_ptr() != full.data_ptr() or x.numel() != full.numel() or not x.is_contiguous():
+                return self.inner(x)
+            block.stash = None
+            inp = compact  # (B*K, X): one row per query the attention computed
+        else:
+            inp = x.reshape(-1, x.shape[-1]).index_select(0, rows.rows)
+        y = self.inner(inp)
+        if not (torch.is_tensor(y) and y.dim() == 2 and y.shape[0] == inp.shape[0]):
+            self.unwrap()
+            return self.inner(x)
+        if pick is not None:  # padded query slots or the rest of a span: keep the label rows' ones
+            y = y.index_select(0, pick)
+        block.ran.add(self.name)
+        out = y.new_zeros((x.shape[0] * x.shape[1], y.shape[-1])).index_put((rows.rows,), y)  # index_copy would keep y
+        return out.view(*x.shape[:2], y.shape[-1])
+
+    def unwrap(self) -> None:
+        self.restore()
+        if self.name in self.block.modules:
+            self.block.modules.remove(self.name)
 
 
 def _wrap_rowwise(module: nn.Module, name: str, block: LastBlock, mode: str) -> None:
@@ -342,43 +383,9 @@ def _wrap_rowwise(module: nn.Module, name: str, block: LastBlock, mode: str) -> 
     backward instead of a gathered copy). A module that turns out to return something else than
     rows is unwrapped and runs on every row from then on.
     """
-    own = module.__dict__.get("forward")  # an instance-level wrapper installed before this one
-
-    def orig(*args, **kwargs):  # the class's forward looked up per call: efft.sparsity.recompute may swap the class later
-        return own(*args, **kwargs) if own is not None else type(module).forward(module, *args, **kwargs)
-
-    def forward(x, *args, **kwargs):
-        rows = block.rows
-        if (rows is None or args or kwargs or not torch.is_tensor(x) or x.dim() != 3 or tuple(x.shape[:2]) != rows.shape
-                or (mode == "after" and not block.after_attention)):
-            return orig(x, *args, **kwargs)
-        pick = None
-        if mode == "output":
-            full, compact, pick = block.stash if block.stash is not None else (None, None, None)
-            if full is None or x.data_ptr() != full.data_ptr() or x.numel() != full.numel() or not x.is_contiguous():
-                return orig(x)
-            block.stash = None
-            inp = compact  # (B*K, X): one row per query the attention computed
-        else:
-            inp = x.reshape(-1, x.shape[-1]).index_select(0, rows.rows)
-        y = orig(inp)
-        if not (torch.is_tensor(y) and y.dim() == 2 and y.shape[0] == inp.shape[0]):
-            unwrap()
-            return orig(x)
-        if pick is not None:  # padded query slots or the rest of a span: keep the label rows' ones
-            y = y.index_select(0, pick)
-        block.ran.add(name)
-        out = y.new_zeros((x.shape[0] * x.shape[1], y.shape[-1])).index_put((rows.rows,), y)  # index_copy would keep y
-        return out.view(*x.shape[:2], y.shape[-1])
-
-    def unwrap():
-        _restore_forward(module, forward, own)
-        if name in block.modules:
-            block.modules.remove(name)
-
-    module.forward = forward
-    block._undo.append(unwrap)
-    block._unwrap[name] = unwrap
+    wrapper = _RowWise(module, name, block, mode).install()
+    block._undo.append(wrapper.unwrap)
+    block._unwrap[name] = wrapper.unwrap
 
 
 def _attention_module(layer: nn.Module) -> tuple[Optional[str], Optional[nn.Module]]:
@@ -404,11 +411,28 @@ def _layer_class(cls: type) -> type:
             if block is not None:
                 block.rows = block.per_forward.resolve(args[0] if args else kwargs.get("hidden_states"))
                 block.after_attention, block.stash = False, None
-            return base_forward(self, *args, **kwargs)
+            try:
+                return base_forward(self, *args, **kwargs)
+            finally:
+                if block is not None:  # an output projection that did not read it (wrapped by another forward)
+                    block.stash = None
 
         _LAYER_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
-                                                          "_efft_base_class": cls})
+                                                          "_efft_base_class": cls, "__reduce_ex__": _reduce_layer})
     return _LAYER_CLASSES[cls]
+
+
+def _new_layer(cls: type) -> nn.Module:
+    """Unpickling: an empty instance of the swapped class of ``cls`` (its state is set after)."""
+    return object.__new__(_layer_class(cls))
+
+
+def _reduce_layer(self, protocol):
+    # the swapped class shares its base's name, so pickle cannot find it by reference: rebuild it
+    base = type(self).__dict__.get("_efft_base_class")
+    if base is None:  # a subclass made later (FSDP2's): its own protocol
+        return object.__reduce_ex__(self, protocol)
+    return _new_layer, (base,), self.__getstate__()
 
 
 def _swap_layer_class(layer: nn.Module, block: LastBlock) -> None:
@@ -416,12 +440,29 @@ def _swap_layer_class(layer: nn.Module, block: LastBlock) -> None:
     layer.__class__ = _layer_class(cls)
     layer._efft_last_block = block
 
-    def undo():
-        layer.__dict__.pop("_efft_last_block", None)
-        if type(layer) is _LAYER_CLASSES.get(cls):
-            layer.__class__ = cls
+    block._undo.append(functools.partial(_unswap_layer_class, layer, cls))
 
-    block._undo.append(undo)
+
+def _unswap_layer_class(layer: nn.Module, cls: type) -> None:
+    layer.__dict__.pop("_efft_last_block", None)
+    if type(layer) is _LAYER_CLASSES.get(cls):
+        layer.__class__ = cls
+
+
+# hooks and undo steps are module-level functions bound with functools.partial (not closures), so a
+# deepcopy or pickle of the model carries them over to the copy's objects (see instance_forward.py)
+def _decide_hook(block: LastBlock, attn: nn.Module, args, kwargs) -> None:
+    _decide(attn, block, args, kwargs)
+
+
+def _attended(block: LastBlock, *_) -> None:
+    block.after_attention = True
+
+
+def _restore_attention(attn: nn.Module, shared: Any) -> None:
+    attn.config = shared
+    for a in ("_efft_model_config", "_efft_last_block"):
+        attn.__dict__.pop(a, None)
 
 
 def install_last_block(layer: nn.Module, cfg: Any) -> LastBlock:
@@ -452,20 +493,12 @@ def install_last_block(layer: nn.Module, cfg: Any) -> LastBlock:
         attn._efft_model_config, attn._efft_last_block, attn.config = shared, block, own
         block.attention = attn
 
-        def undo_attention():
-            attn.config = shared
-            for a in ("_efft_model_config", "_efft_last_block"):
-                attn.__dict__.pop(a, None)
-
-        block._undo.append(undo_attention)
+        block._undo.append(functools.partial(_restore_attention, attn, shared))
         block.query_projection = _wrap_query_projection(attn, block)
-        h = attn.register_forward_pre_hook(lambda m, a, kw: _decide(m, block, a, kw), with_kwargs=True)
+        h = attn.register_forward_pre_hook(functools.partial(_decide_hook, block), with_kwargs=True)
         block._undo.append(h.remove)
 
-    def attended(*_):
-        block.after_attention = True
-
-    block._undo.append(attn.register_forward_hook(attended).remove)
+    block._undo.append(attn.register_forward_hook(functools.partial(_attended, block)).remove)
     candidates = ([(f"{name}.{n}", m, "output") for n, m in attn.named_children() if n != block.query_projection]
                   if block.restricts_attention else [])
     candidates += [(n, m, "after") for n, m in layer.named_children() if not any(sub is attn for sub in m.modules())]

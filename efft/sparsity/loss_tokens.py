@@ -37,7 +37,6 @@ Outside training (``model.eval()``, no labels, or no grad) the original forward 
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
@@ -47,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .instance_forward import InstanceForward
 from .label_rows import IGNORE_INDEX, LABEL_ROWS_KEY, LabelRows, shift_labels as _shift_labels
 from .last_block import LastBlock, install_last_block
 
@@ -244,6 +244,35 @@ def _logit_transforms(cfg) -> tuple[Optional[float], Optional[float]]:
     return (float(scale) if scale not in (None, 1, 1.0) else None), (float(softcap) if softcap else None)
 
 
+class _LossTokensForward(InstanceForward):
+    """The causal LM's forward: in training with labels, the head and loss on label rows only
+    (:meth:`LossTokenState.sparse_forward`); otherwise the model's own forward. Carries the wrapped
+    forward's signature (Trainer inspects it for columns and loss kwargs)."""
+
+    def __init__(self, lm: nn.Module, state: "LossTokenState", sig: inspect.Signature):
+        super().__init__(lm)
+        self.state, self.__signature__ = state, sig
+        self.__wrapped__ = state.orig_forward
+        self.__doc__ = getattr(state.orig_forward, "__doc__", None)
+
+    def inner(self, *args, **kwargs):
+        return self.state.orig_forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        label_rows = kwargs.pop(LABEL_ROWS_KEY, None)  # never reaches the model
+        if label_rows is not None and not isinstance(label_rows, LabelRows):
+            raise TypeError(f"{LABEL_ROWS_KEY} must be an efft.sparsity.LabelRows (from LabelRowsCollator), "
+                            f"got {type(label_rows).__name__}")
+        sig = self.__signature__
+        arguments = dict(sig.bind_partial(*args, **kwargs).arguments)
+        extra = arguments.pop("kwargs", {}) if "kwargs" in sig.parameters else {}
+        arguments.update(extra)
+        has_labels = arguments.get("labels") is not None or arguments.get("shift_labels") is not None
+        if not (has_labels and self.module.training and torch.is_grad_enabled()):
+            return self.inner(*args, **kwargs)
+        return self.state.sparse_forward(arguments, label_rows)
+
+
 def apply_loss_tokens(model: nn.Module, chunk_size: int = 1024, verify: bool = True, last_block: bool = True) -> nn.Module:
     """Wrap the causal LM's forward (under peft too) so training computes the head+loss on label rows only.
 
@@ -277,23 +306,7 @@ def apply_loss_tokens(model: nn.Module, chunk_size: int = 1024, verify: bool = T
         block = LastBlock()
         block.reason = "last_block=False" if not last_block else "no decoder layers found"
     state = LossTokenState(lm, chunk_size, scale, softcap, block, orig_forward)
-
-    @functools.wraps(orig_forward)  # keeps the signature Trainer inspects (columns, loss kwargs)
-    def forward(*args, **kwargs):
-        label_rows = kwargs.pop(LABEL_ROWS_KEY, None)  # never reaches the model
-        if label_rows is not None and not isinstance(label_rows, LabelRows):
-            raise TypeError(f"{LABEL_ROWS_KEY} must be an efft.sparsity.LabelRows (from LabelRowsCollator), "
-                            f"got {type(label_rows).__name__}")
-        bound = sig.bind_partial(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        extra = arguments.pop("kwargs", {}) if "kwargs" in sig.parameters else {}
-        arguments.update(extra)
-        has_labels = arguments.get("labels") is not None or arguments.get("shift_labels") is not None
-        if not (has_labels and lm.training and torch.is_grad_enabled()):
-            return orig_forward(*args, **kwargs)
-        return state.sparse_forward(arguments, label_rows)
-
-    lm.forward = forward
+    _LossTokensForward(lm, state, sig).install()
     try:
         lm.accepts_loss_kwargs = True  # the wrapped forward honours num_items_in_batch (Trainer reads this)
     except AttributeError:  # a read-only property on some class: Trainer then inspects the signature
@@ -316,7 +329,8 @@ def remove_loss_tokens(model: nn.Module) -> nn.Module:
     state = lm.__dict__.pop("_efft_loss_tokens", None)
     if state is None:
         return model
-    del lm.forward
+    if isinstance(lm.__dict__.get("forward"), _LossTokensForward):
+        del lm.forward
     lm.__dict__.pop("accepts_loss_kwargs", None)
     state.last_block.remove()
     return model

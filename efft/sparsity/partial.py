@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .instance_forward import InstanceForward
+
 ADAPTER_FILE = "paca_adapter.safetensors"
 
 
@@ -51,13 +53,14 @@ class PartialLinearFn(torch.autograd.Function):
         return gx, None, gcols, None, None
 
 
-def _partial_forward(module: nn.Linear):
-    def forward(x):
+class _PartialForward(InstanceForward):
+    """The layer's one matmul with W's trained columns written in first (see the module docstring)."""
+
+    def forward(self, x):
+        module = self.module
         with torch.no_grad():  # in place: W's columns follow the trained parameter (no version bump)
             module.weight.data.index_copy_(1, module.paca_index, module.paca_weight.data.to(module.weight.dtype))
         return PartialLinearFn.apply(x, module.weight, module.paca_weight, module.paca_index, module.bias)
-
-    return forward
 
 
 DEFAULT_FRACTION = 0.05
@@ -92,7 +95,7 @@ def _install(module: nn.Linear, idx: torch.Tensor) -> None:
     idx = idx.to(w.device)
     module.register_buffer("paca_index", idx, persistent=True)
     module.paca_weight = nn.Parameter(w.detach().index_select(1, idx).clone())
-    module.forward = _partial_forward(module)
+    _PartialForward(module).install()
 
 
 def partial_modules(model: nn.Module) -> dict[str, nn.Linear]:

@@ -39,6 +39,9 @@ class PerForward:
         self.depth = 0  # > 0 while a wrapped forward runs
         self._bound: dict[tuple, tuple[weakref.ref, Any]] = {}
 
+    def __getstate__(self):  # a copy or pickle of the model starts between forwards, with no records
+        return {"current": None, "depth": 0, "_bound": {}}
+
     @contextlib.contextmanager
     def forward(self, value: Any) -> Iterator[None]:
         """Run a wrapped forward whose layers see ``value``."""

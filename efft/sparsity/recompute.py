@@ -124,17 +124,22 @@ def _mlp_forward(self, x, *args, **kwargs):
 _CLASSES: dict[tuple[type, str], type] = {}
 
 
-def _rebuild(base: type, kind: str, state: dict) -> nn.Module:
-    """Unpickling: the module as its original class, then swapped to the recompute subclass."""
-    obj = base.__new__(base)
-    obj.__setstate__(state)
-    obj.__class__ = _recompute_class(base, kind)
+def _rebuild(base: type, kind: str, state: Optional[dict] = None) -> nn.Module:
+    """Unpickling / deepcopy: an empty instance of the recompute subclass; its state is set after
+    (in the state slot, not the arguments, so a state that refers back to the module, as an
+    instance-level forward wrapper does, is copied once). ``state``: pickles written before that."""
+    obj = object.__new__(_recompute_class(base, kind))
+    if state is not None:
+        obj.__setstate__(state)
     return obj
 
 
 def _reduce_ex(self, protocol):
     # the subclass shares its base's name, so pickle cannot find it by reference: rebuild it instead
-    return _rebuild, (type(self)._efft_base_class, type(self)._efft_recompute_kind, self.__dict__.copy())
+    cls = type(self)
+    if cls.__dict__.get("_efft_base_class") is None:  # a subclass made later (FSDP2's): its own protocol
+        return object.__reduce_ex__(self, protocol)
+    return _rebuild, (cls._efft_base_class, cls._efft_recompute_kind), self.__getstate__()
 
 
 def _recompute_class(cls: type, kind: str) -> type:

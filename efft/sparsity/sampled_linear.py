@@ -25,12 +25,15 @@ the sampled product (Triton on CUDA, its torch reference otherwise).
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .instance_forward import InstanceForward
 
 
 def sample_rows(weights: torch.Tensor, k: int, n_det: int, generator: Optional[torch.Generator] = None):
@@ -186,6 +189,9 @@ class SharedSamples:
     def clear(self) -> None:
         self._cache.clear()
 
+    def __getstate__(self):  # a copy or pickle of the model starts without samples (they live for one forward)
+        return {"_cache": {}}
+
     def get(self, x: torch.Tensor, state: _LayerState, dtype: Optional[torch.dtype] = None):
         """(kept rows, their indices, their scales) of ``x``, the kept rows cast to ``dtype`` if given
         (PEQA computes in its compute dtype: keyed on the input itself, so its q/k/v still share)."""
@@ -215,13 +221,18 @@ class SharedSamples:
         return out
 
 
-def _sampled_forward(module: nn.Module, state: _LayerState, kind: str):
-    orig = module.forward
+class _SampledForward(InstanceForward):
+    """The layer's forward with a WTA-CRS weight gradient in training (its own forward otherwise)."""
 
-    def forward(x):
+    def __init__(self, module: nn.Module, state: _LayerState, kind: str):
+        super().__init__(module)
+        self.state, self.kind = state, kind
+
+    def forward(self, x):
+        module, state, kind = self.module, self.state, self.kind
         trains = any(p.requires_grad for p in _trained(module)) if kind == "peqa" else module.weight.requires_grad
         if not (torch.is_grad_enabled() and trains and module.training):
-            return orig(x)
+            return self.inner(x)
         if kind == "peqa":
             kept, idx, scale = state.shared.get(x, state, module.compute_dtype)
             xc = x.to(module.compute_dtype)
@@ -231,7 +242,10 @@ def _sampled_forward(module: nn.Module, state: _LayerState, kind: str):
             return DequantSampledLinearFn.apply(x, module.weight, module.bias, kept, idx, scale, state, module)
         return SampledLinearFn.apply(x, module.weight, module.bias, kept, idx, scale, state)
 
-    return forward
+
+def _clear_samples(shared: "SharedSamples", *_) -> None:
+    """Model forward pre/post hook (a partial, not a closure: deepcopy and pickle follow it)."""
+    shared.clear()
 
 
 def _trainable_quantized(m: nn.Module) -> bool:
@@ -297,7 +311,7 @@ def apply_sampled_linear(model: nn.Module, keep: float = 0.3, deterministic_frac
             continue  # frozen (plain or quantized): autograd keeps no input for a weight gradient here
         state = _LayerState(wdtype, float(keep), float(deterministic_fraction), shared)
         m._efft_sampled = state
-        m.forward = _sampled_forward(m, state, kind)
+        _SampledForward(m, state, kind).install()
         done.append(name)
     if not done:
         raise ValueError(f"sparsity.sampled_linear: no trainable linear layer (nn.Linear, LoRA, int8 trainable, PEQA) matches "
@@ -306,8 +320,8 @@ def apply_sampled_linear(model: nn.Module, keep: float = 0.3, deterministic_frac
     if not hasattr(model, "_efft_sampled_shared"):
         model._efft_sampled_shared = shared
         # a sample lives for one forward; autograd keeps what backward needs
-        model.register_forward_pre_hook(lambda mod, args: shared.clear())
-        model.register_forward_hook(lambda mod, args, out: shared.clear())
+        model.register_forward_pre_hook(functools.partial(_clear_samples, shared))
+        model.register_forward_hook(functools.partial(_clear_samples, shared))
     return model
 
 

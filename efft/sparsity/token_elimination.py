@@ -64,7 +64,6 @@ Active only in training with labels and grad enabled and for sequences of at lea
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import sys
@@ -74,6 +73,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .instance_forward import InstanceForward
 from .loss_tokens import IGNORE_INDEX, _shift_labels, decoder_layers, find_causal_lm
 from .per_forward import PerForward
 
@@ -348,16 +348,18 @@ def _gather_args(args: dict, idx: torch.Tensor, flat: torch.Tensor, seq: int, la
     return out
 
 
-def _wrap_layer(layer: nn.Module, index: int, state: EliminationState) -> None:
-    own = layer.__dict__.get("forward")  # an instance-level wrapper installed before this one
-    sig = inspect.signature(layer.forward)
-    first = next(iter(sig.parameters))
+class _EliminatedLayer(InstanceForward):
+    """A decoder layer run on its kept tokens only; the others pass through (see the module docstring)."""
 
-    def orig(*args, **kwargs):  # the class's forward looked up per call: loss_tokens may swap the last layer's class later
-        return own(*args, **kwargs) if own is not None else type(layer).forward(layer, *args, **kwargs)
+    def __init__(self, layer: nn.Module, index: int, state: EliminationState):
+        super().__init__(layer)
+        self.index, self.state = index, state
+        self.sig = inspect.signature(layer.forward)
+        self.first = next(iter(self.sig.parameters))
+        self.__signature__, self.__wrapped__ = self.sig, layer.forward
 
-    @functools.wraps(layer.forward)
-    def forward(*args, **kwargs):
+    def forward(self, *args, **kwargs):
+        state, index, sig, first, orig = self.state, self.index, self.sig, self.first, self.inner
         ratio = state.keep[index]
         if ratio is None or ratio >= 1.0:
             return orig(*args, **kwargs)
@@ -389,7 +391,7 @@ def _wrap_layer(layer: nn.Module, index: int, state: EliminationState) -> None:
         # keeps: index_select / index_put save only the index (gather would save the full-length h)
         flat = _flat_index(idx, s)
         hg = _take(h, idx, flat)
-        rest = _gather_args({k: v for k, v in a.items() if k != first}, idx, flat, s, type(layer).__name__)
+        rest = _gather_args({k: v for k, v in a.items() if k != first}, idx, flat, s, type(self.module).__name__)
         out = orig(hg, **rest)
         tail = None
         if isinstance(out, tuple):
@@ -403,8 +405,37 @@ def _wrap_layer(layer: nn.Module, index: int, state: EliminationState) -> None:
         full = full.view(b, s, d)
         return full if tail is None else (full, *tail)
 
-    layer._efft_orig_forward = orig
-    layer.forward = forward
+
+def _wrap_layer(layer: nn.Module, index: int, state: EliminationState) -> None:
+    wrapper = _EliminatedLayer(layer, index, state)
+    layer._efft_orig_forward = wrapper.inner  # the forward it wraps, the class's looked up per call
+    wrapper.install()
+
+
+class _EliminationForward(InstanceForward):
+    """The causal LM's forward: finds the loss rows of a training forward with labels and runs the
+    wrapped forward with them as this forward's (see :class:`~.per_forward.PerForward`)."""
+
+    def __init__(self, lm: nn.Module, state: EliminationState):
+        super().__init__(lm)
+        self.state = state
+        self.sig = inspect.signature(lm.forward)  # may already be wrapped by loss-token skipping; chained
+        self.__signature__, self.__wrapped__ = self.sig, lm.forward
+
+    def forward(self, *args, **kwargs):
+        state = self.state
+        bound = self.sig.bind_partial(*args, **kwargs).arguments
+        extra = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
+        labels = bound.get("labels")
+        shift = bound.get("shift_labels", extra.get("shift_labels"))
+        ids = bound.get("input_ids")
+        if ids is None:
+            ids = bound.get("inputs_embeds")
+        state.loss_rows = rows = None
+        if (labels is not None or shift is not None) and self.module.training and torch.is_grad_enabled() and ids is not None:
+            rows = state.activate(labels, shift, ids.shape[1])
+        with state.per_forward.forward(rows):
+            return self.inner(*args, **kwargs)
 
 
 def _per_layer(keep_ratio: Union[float, Sequence[float]], n_layers: int, start_layer: int) -> list[Optional[float]]:
@@ -483,24 +514,6 @@ def apply_token_elimination(model: nn.Module, keep_ratio: Union[float, Sequence[
         if state.keep[i] is not None:
             _wrap_layer(layer, i, state)
 
-    inner = lm.forward  # may already be wrapped by loss-token skipping; chain onto it
-    sig = inspect.signature(inner)
-
-    @functools.wraps(inner)
-    def forward(*args, **kwargs):
-        bound = sig.bind_partial(*args, **kwargs).arguments
-        extra = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
-        labels = bound.get("labels")
-        shift = bound.get("shift_labels", extra.get("shift_labels"))
-        ids = bound.get("input_ids")
-        if ids is None:
-            ids = bound.get("inputs_embeds")
-        state.loss_rows = rows = None
-        if (labels is not None or shift is not None) and lm.training and torch.is_grad_enabled() and ids is not None:
-            rows = state.activate(labels, shift, ids.shape[1])
-        with state.per_forward.forward(rows):
-            return inner(*args, **kwargs)
-
-    lm.forward = forward
+    _EliminationForward(lm, state).install()
     lm._efft_token_elimination = state
     return model
