@@ -40,7 +40,8 @@ def sample_rows(weights: torch.Tensor, k: int, n_det: int, generator: Optional[t
     """WTA-CRS row sample: ``(idx [k], scale [k])`` such that sum_t scale_t * f(idx_t) is an
     unbiased estimate of sum_i f(i) for any f.
 
-    The ``n_det`` rows with the largest ``weights`` are kept with scale 1; ``k - n_det`` rows are
+    The ``n_det`` rows with the largest ``weights`` are kept with scale 1 (at most k - 1 when k < R,
+    so a deterministic fraction of 1 still leaves one draw for the rest); ``k - n_det`` rows are
     drawn with replacement from the others with probability q_j = w_j / sum(rest) and scale
     1 / ((k - n_det) q_j). Weights are floored at a small positive value so no row is impossible.
     """
@@ -48,6 +49,8 @@ def sample_rows(weights: torch.Tensor, k: int, n_det: int, generator: Optional[t
     w = weights.float().clamp_min(0)
     w = w + (w.mean() * 1e-4 + 1e-30)
     n_det = min(n_det, k, r)
+    if k < r:  # at least one draw stands for the rows outside the top n_det (all-deterministic drops them: biased)
+        n_det = min(n_det, k - 1)
     s = k - n_det
     if n_det:
         det = torch.topk(w, n_det, sorted=False).indices

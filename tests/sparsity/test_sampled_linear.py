@@ -63,6 +63,22 @@ def test_mean_of_sampled_gradients_converges_to_exact():
     assert zb > 20
 
 
+@pytest.mark.parametrize("keep,det", [(0.3, 1.0), (2 / R, 0.8)])
+def test_unbiased_when_the_deterministic_share_rounds_to_the_whole_budget(keep, det):
+    """deterministic_fraction 1.0, or a small k where round(fraction * k) == k: the rows outside the
+    top k must still be represented by at least one reweighted draw, else dW misses them (biased)."""
+    torch.manual_seed(0)
+    x, dy = _problem(seed=4)
+    exact = (dy.t() @ x).double()
+    w = x.norm(dim=1) * dy.norm(dim=1)
+    k = max(1, int(round(keep * R)))
+    n_det = int(round(det * k))
+    assert n_det == k < R  # the case under test
+    est = _estimates(x, dy, lambda: sample_rows(w, k, n_det), trials=400)
+    z, worst = _z(est, exact)
+    assert z < 3 and worst < 6
+
+
 def test_variance_below_uniform_column_row_sampling():
     torch.manual_seed(1)
     x, dy = _problem(seed=1)
