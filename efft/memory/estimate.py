@@ -452,10 +452,10 @@ def activation_bytes(
             n += sum(int(autocast_bytes * T * fan_in * sampled_keep) for k in kinds if k in ("full", "lora"))
         else:
             shared = any(k == "full" for k in kinds) or any(k == "lora" and lora_bytes == e for k in kinds)
-            if shared:
-                n += int(e * T * fan_in * sampled_keep) if any(k == "full" for k in kinds) else e * T * fan_in
-            n += sum(lora_bytes * T * fan_in for k in kinds if k == "lora" and lora_bytes != e)
-        n += sum(lora_bytes * T * lora_r for k in kinds if k == "lora")
+            if shared:  # sampled_linear samples lora_A's input as it does a full layer's (one sample per input)
+                n += int(e * T * fan_in * sampled_keep)
+            n += sum(int(lora_bytes * T * fan_in * sampled_keep) for k in kinds if k == "lora" and lora_bytes != e)
+        n += sum(int(lora_bytes * T * lora_r * sampled_keep) for k in kinds if k == "lora")  # lora_B: sampled too
         n += sum(e * T * partial_columns(fan_in, *partial) for k in kinds if k == "partial")
         return n
 
