@@ -224,6 +224,8 @@ def merge_partial(model: nn.Module, modules: Optional[dict] = None) -> nn.Module
             m.weight.index_copy_(1, m.paca_index, m.paca_weight.detach().to(m.weight.dtype))
         del m.paca_weight
         del m._buffers["paca_index"]
-        m.__dict__.pop("forward", None)
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, _PartialForward):  # put back what it wrapped (loss_tokens' last-block wrappers), not the class forward
+            fwd.restore()
     model.__dict__.pop("_efft_partial", None)
     return model

@@ -147,3 +147,22 @@ def test_recipe_r_must_be_an_integer():
     assert SparsityConfig(partial={"enabled": True, "r": 8}).partial.r == 8
     with pytest.raises(pydantic.ValidationError, match="partial.r"):
         SparsityConfig(partial={"enabled": True, "r": True})
+
+
+def test_merge_puts_back_the_forward_it_wrapped():
+    """PaCA installed over loss_tokens' last block (its q_proj / o_proj wrappers): merging removes
+    PaCA's forward only; the last block's output projection runs on the label rows again."""
+    from efft.sparsity import apply_sparsity
+
+    model = apply_sparsity(tiny_model("llama"), {"loss_tokens": {"enabled": True},
+                                                 "partial": {"enabled": True, "fraction": 0.25}})
+    attn = model.model.layers[-1].self_attn
+    wrapped = {n: getattr(attn, n).forward.own for n in ("q_proj", "o_proj")}
+    assert all(w is not None for w in wrapped.values())
+    merge_partial(model)
+    assert {n: getattr(attn, n).__dict__.get("forward") for n in wrapped} == wrapped
+    block = model._efft_loss_tokens.last_block
+    block.ran.clear()
+    model.train()
+    model(**tiny_batch(seq=12, label_fraction=0.5))  # merged weights are frozen: forward only
+    assert "self_attn.o_proj" in block.ran
