@@ -299,10 +299,12 @@ def apply_sampled_linear(model: nn.Module, keep: float = 0.3, deterministic_frac
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     except Exception:  # not a transformers model: no head to exclude
         head = None
+    # the head and what it wraps (peft modules_to_save keeps the trained copy of lm_head inside a wrapper)
+    in_head = {id(x) for x in head.modules()} if isinstance(head, nn.Module) else set()
     shared = getattr(model, "_efft_sampled_shared", None) or SharedSamples()
     done = []
     for name, m in model.named_modules():
-        if m is head or hasattr(m, "_efft_sampled") or not _name_matches(name, target_modules):
+        if id(m) in in_head or hasattr(m, "_efft_sampled") or not _name_matches(name, target_modules):
             continue
         if _peqa(m):
             kind, wdtype = "peqa", torch.float32

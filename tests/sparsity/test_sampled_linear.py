@@ -328,3 +328,19 @@ def test_peqa_layers_share_samples_when_computing_in_another_dtype():
         model(**tiny_batch(batch=2, seq=16)).loss.backward()
         drawn[cd] = sum(calls)
     assert drawn["float32"] == drawn["bfloat16"] == 4  # q/k/v, o, gate/up, down
+
+
+def test_output_embedding_trained_through_peft_modules_to_save_is_not_sampled():
+    """peft's modules_to_save=["lm_head"] trains a copy of the head inside a wrapper: it is still the
+    output embedding, which "all-linear" leaves exact."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    ref = copy.deepcopy(model)
+    apply_sampled_linear(model, keep=0.3)
+    batch = tiny_batch(seq=16)
+    grads = []
+    for m in (ref, model):
+        m.train()
+        m(**batch).loss.backward()
+        grads.append(m.base_model.model.lm_head.modules_to_save["default"].weight.grad)
+    torch.testing.assert_close(grads[1], grads[0])
