@@ -68,5 +68,7 @@ def worker(rank, world, port, out_dir):
             train(m, opt, rank, world, torch.nn.parallel.DistributedDataParallel(m))
             torch.save([p.detach() for p in m.parameters()], os.path.join(out_dir, f"{name}-{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort in gloo's threads)
+        # every result is written and both ranks got past the barrier: what follows is teardown only
+        open(os.path.join(out_dir, f"done-{rank}"), "w").close()
     finally:
         dist.destroy_process_group()
