@@ -50,7 +50,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -371,7 +371,7 @@ def activation_bytes(
     label_fraction: float = 1.0,
     keep_ratio: float = 1.0,
     keep_start_layer: int = 0,
-    sampled_keep: float = 1.0,
+    sampled_keep: Union[float, dict[str, float]] = 1.0,
     gqa_in_sdpa: bool = True,
     autocast_bytes: Optional[int] = None,
     partial: tuple = (None, None),
@@ -415,6 +415,11 @@ def activation_bytes(
     e = dtype_bytes
     h, H, K, d, I, V = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim, arch.intermediate, arch.vocab
     b, s = batch, seq
+
+    def keep_of(nm: str) -> float:
+        """sampled_linear's keep for linear ``nm`` (1.0: not sampled; a dict names it per linear)."""
+        return sampled_keep.get(nm, 1.0) if isinstance(sampled_keep, dict) else sampled_keep
+
     def rc_norm(i: int, pos: int) -> bool:
         """Whether norm ``pos`` of layer ``i`` (``i`` = layers: the final norm) keeps only its input."""
         if recomputed is None:
@@ -447,15 +452,20 @@ def activation_bytes(
     def linear_group(T: int, fan_in: int, names: tuple[str, ...]) -> int:
         """Inputs saved by Linear layers that read one tensor (q/k/v, gate/up, o, down)."""
         kinds = [linears.get(nm, "full") for nm in names]
+        keeps = [keep_of(nm) for nm in names]
         n = 0
         if autocast_bytes is not None:  # each autocast linear saves its own low-precision copy
-            n += sum(int(autocast_bytes * T * fan_in * sampled_keep) for k in kinds if k in ("full", "lora"))
+            n += sum(int(autocast_bytes * T * fan_in * kp) for k, kp in zip(kinds, keeps) if k in ("full", "lora"))
         else:
-            shared = any(k == "full" for k in kinds) or any(k == "lora" and lora_bytes == e for k in kinds)
-            if shared:  # sampled_linear samples lora_A's input as it does a full layer's (one sample per input)
-                n += int(e * T * fan_in * sampled_keep)
-            n += sum(int(lora_bytes * T * fan_in * sampled_keep) for k in kinds if k == "lora" and lora_bytes != e)
-        n += sum(int(lora_bytes * T * lora_r * sampled_keep) for k in kinds if k == "lora")  # lora_B: sampled too
+            # layers reading x itself (full, or lora_A in x's dtype): an unsampled one keeps x, the sampled
+            # ones (lora_A too) one shared sample of its rows, a copy
+            reads_x = [kp for k, kp in zip(kinds, keeps) if k == "full" or (k == "lora" and lora_bytes == e)]
+            if any(kp >= 1 for kp in reads_x):
+                n += e * T * fan_in
+            if any(kp < 1 for kp in reads_x):
+                n += int(e * T * fan_in * min(kp for kp in reads_x if kp < 1))
+            n += sum(int(lora_bytes * T * fan_in * kp) for k, kp in zip(kinds, keeps) if k == "lora" and lora_bytes != e)
+        n += sum(int(lora_bytes * T * lora_r * kp) for k, kp in zip(kinds, keeps) if k == "lora")  # lora_B: sampled too
         n += sum(e * T * partial_columns(fan_in, *partial) for k in kinds if k == "partial")
         return n
 
@@ -497,7 +507,7 @@ def activation_bytes(
                 n += linear_group(Q, H * d, ("o_proj",))  # on the attention's compact output
             else:
                 n += sum(lora_bytes * T * lora_r for k in (o_kind,) if k == "lora")
-                if sampled_keep < 1 and o_kind == "full":
+                if keep_of("o_proj") < 1 and o_kind == "full":
                     pass  # sampled rows are a copy; the view of the output is what stays
         else:
             n += linear_group(T, H * d, ("o_proj",))
@@ -1047,6 +1057,11 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
         te_extra = 2 * e * arch.head_dim + 8 * 2
         notes.append("token elimination: layers from start_layer on run max(keep_ratio, label fraction) of the tokens")
     sampled = sp.sampled_linear.keep if sp.sampled_linear.enabled else 1.0
+    if sp.sampled_linear.enabled and sp.sampled_linear.target_modules != "all-linear":  # only the targets sample
+        from efft.sparsity.sampled_linear import _name_matches as _sampled_match
+
+        first = {nm: next((n for n, _ in linears if n.endswith("." + nm)), nm) for nm in _LAYER_LINEARS}
+        sampled = {nm: sampled if _sampled_match(first[nm], sp.sampled_linear.target_modules) else 1.0 for nm in _LAYER_LINEARS}
     if sp.sampled_linear.enabled:
         notes.append("sampled-activation linears: saved inputs scaled by keep (approximate)")
     rc = sp.recompute
