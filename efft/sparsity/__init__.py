@@ -115,8 +115,9 @@ def apply_sparsity(model: nn.Module, cfg: Any) -> nn.Module:
     quantized and/or peft-wrapped) and return it (the same object).
 
     Order: recompute (innermost: the module classes of norms and MLPs; the wrappers installed
-    after it call them), loss-token skipping (checked against the model's own loss on a short input), token
-    elimination, PaCA, WTA-CRS. Raises ValueError listing every bad value before installing
+    after it call them), PaCA, WTA-CRS (the linears' own forwards), loss-token skipping (checked
+    against the model's own loss on a short input; its last-block wrappers call the linears' forwards
+    on label rows), token elimination. Raises ValueError listing every bad value before installing
     anything, or naming the method and the model when the generic code cannot handle it.
     """
     problems = sparsity_problems(cfg)
@@ -128,18 +129,18 @@ def apply_sparsity(model: nn.Module, cfg: Any) -> nn.Module:
         _check_elimination_model(model, te)
     if _get(rc, "enabled", False):
         apply_recompute(model, norms=_get(rc, "norms", True), gated_mlp=_get(rc, "gated_mlp", True))
-    if _get(lt, "enabled", False):
-        apply_loss_tokens(model, chunk_size=_get(lt, "chunk_size", 1024))
-    if _get(te, "enabled", False):
-        apply_token_elimination(model, keep_ratio=_get(te, "keep_ratio", 0.5), start_layer=_get(te, "start_layer", 1),
-                                unbiased=bool(_get(te, "unbiased", False)), min_seq_length=_get(te, "min_seq_length", 0),
-                                score=_get(te, "score", "mean_distance"), score_queries=_get(te, "score_queries", 128))
     if _get(pa, "enabled", False):
         apply_partial(model, fraction=_get(pa, "fraction"), target_modules=_get(pa, "target_modules", "all-linear"),
                       seed=_get(pa, "seed", 0), r=_get(pa, "r"))
     if _get(sl, "enabled", False):
         apply_sampled_linear(model, keep=_get(sl, "keep", 0.3), deterministic_fraction=_get(sl, "deterministic_fraction", 0.5),
                              target_modules=_get(sl, "target_modules", "all-linear"))
+    if _get(lt, "enabled", False):
+        apply_loss_tokens(model, chunk_size=_get(lt, "chunk_size", 1024))
+    if _get(te, "enabled", False):
+        apply_token_elimination(model, keep_ratio=_get(te, "keep_ratio", 0.5), start_layer=_get(te, "start_layer", 1),
+                                unbiased=bool(_get(te, "unbiased", False)), min_seq_length=_get(te, "min_seq_length", 0),
+                                score=_get(te, "score", "mean_distance"), score_queries=_get(te, "score_queries", 128))
     return model
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["InstanceForward"]
+__all__ = ["InstanceForward", "remove_wrapper"]
 
 
 class InstanceForward(abc.ABC):
@@ -56,3 +56,19 @@ class InstanceForward(abc.ABC):
                 self.module.forward = self.own
             else:
                 del self.module.forward
+
+
+def remove_wrapper(module: nn.Module, cls: type) -> bool:
+    """Take the (first) ``cls`` wrapper out of ``module``'s chain of instance forwards, wherever it
+    sits: on top (the module's forward becomes what it wrapped) or under another wrapper (that one
+    now calls what it wrapped). False if there is none."""
+    outer, cur = None, module.__dict__.get("forward")
+    while isinstance(cur, InstanceForward):
+        if isinstance(cur, cls):
+            if outer is None:
+                cur.restore()
+            else:
+                outer.own = cur.own
+            return True
+        outer, cur = cur, cur.own
+    return False

@@ -35,8 +35,9 @@ the label positions after it. Everything else it does there is wasted, so, for t
   is kept for the weight gradient (measured: the attention module's saved bytes unchanged). Left on
   every row: peft LoRA or quantized q_proj (their own forwards would keep a gathered copy of the
   rows), q_proj under autocast (the key/value projections then keep cast copies, not the input
-  itself), GPT-2's fused ``c_attn`` (queries, keys and values in one matmul), the span path and the
-  whole calls (their queries are used).
+  itself), GPT-2's fused ``c_attn`` (queries, keys and values in one matmul), a q_proj with a forward
+  of its own (PaCA, WTA-CRS: the label-row matmul would replace it), the span path and the whole
+  calls (their queries are used).
 
 Which rows: the block's class is swapped for a subclass (same name) whose ``forward`` first takes
 the label rows of the forward that produced the block's input (:class:`~.per_forward.PerForward`)
@@ -323,7 +324,9 @@ def _wrap_query_projection(attn: nn.Module, block: LastBlock) -> Optional[str]:
     attention restricts; None (left on every row) for other projections (peft LoRA, quantized: their
     own forwards would keep a gathered copy of the rows for backward)."""
     q = getattr(attn, "q_proj", None)
-    if type(q) is not nn.Linear:
+    if type(q) is not nn.Linear or q.__dict__.get("forward") is not None:
+        # a forward of its own (PaCA's trained columns, WTA-CRS's sampled gradient): the label-row
+        # matmul below would replace it, not call it
         return None
     block._undo.append(_QueryProjection(q, block).install().restore)
     return "q_proj"

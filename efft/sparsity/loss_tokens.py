@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .instance_forward import InstanceForward
+from .instance_forward import InstanceForward, remove_wrapper
 from .label_rows import IGNORE_INDEX, LABEL_ROWS_KEY, LabelRows, shift_labels as _shift_labels
 from .last_block import LastBlock, install_last_block
 
@@ -329,8 +329,7 @@ def remove_loss_tokens(model: nn.Module) -> nn.Module:
     state = lm.__dict__.pop("_efft_loss_tokens", None)
     if state is None:
         return model
-    if isinstance(lm.__dict__.get("forward"), _LossTokensForward):
-        del lm.forward
+    remove_wrapper(lm, _LossTokensForward)  # token elimination's wrapper over it, if any, stays
     lm.__dict__.pop("accepts_loss_kwargs", None)
     state.last_block.remove()
     return model

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .instance_forward import InstanceForward
+from .instance_forward import InstanceForward, remove_wrapper
 
 ADAPTER_FILE = "paca_adapter.safetensors"
 
@@ -224,8 +224,6 @@ def merge_partial(model: nn.Module, modules: Optional[dict] = None) -> nn.Module
             m.weight.index_copy_(1, m.paca_index, m.paca_weight.detach().to(m.weight.dtype))
         del m.paca_weight
         del m._buffers["paca_index"]
-        fwd = m.__dict__.get("forward")
-        if isinstance(fwd, _PartialForward):  # put back what it wrapped (loss_tokens' last-block wrappers), not the class forward
-            fwd.restore()
+        remove_wrapper(m, _PartialForward)  # only PaCA's: loss_tokens' last-block wrapper over it stays
     model.__dict__.pop("_efft_partial", None)
     return model

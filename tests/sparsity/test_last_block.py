@@ -369,3 +369,26 @@ def test_query_projection_lora_and_unmasked_sdpa_stay_on_every_row():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the dense call would keep a cast copy: no restriction
         plain(**with_label_rows(_padded_batch()))
     assert (q_out[0].reshape(-1, q_out[0].shape[-1]) != 0).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("first", ["partial", "sampled_linear"])
+def test_query_projection_with_its_own_forward_is_left_whole(first):
+    """PaCA or WTA-CRS installed before loss-token skipping (by hand, in that order): the last
+    block must not replace q_proj's own forward with its label-row matmul (PaCA's trained columns
+    would get no gradient); every trained parameter's gradient equals the model without loss tokens."""
+    from efft.sparsity.partial import apply_partial
+    from efft.sparsity.sampled_linear import apply_sampled_linear
+
+    base = _model("llama", "sdpa").train()
+    install = (lambda m: apply_partial(m, r=4)) if first == "partial" else (lambda m: apply_sampled_linear(m, keep=1.0, deterministic_fraction=1.0))  # k = R, all kept: exact
+    ref, sparse = copy.deepcopy(base), copy.deepcopy(base)
+    install(ref)
+    install(sparse)
+    apply_loss_tokens(sparse)
+    block = sparse._efft_loss_tokens.last_block
+    assert block.query_projection is None
+    batch = tiny_batch(seq=16, batch=2, label_fraction=0.4, seed=6)
+    ref(**batch).loss.backward()
+    sparse(**with_label_rows(batch)).loss.backward()
+    _assert_grads_equal(ref, sparse, TOL)
+    assert all(p.grad is not None for p in sparse.parameters() if p.requires_grad)

@@ -149,18 +149,30 @@ def test_recipe_r_must_be_an_integer():
         SparsityConfig(partial={"enabled": True, "r": True})
 
 
-def test_merge_puts_back_the_forward_it_wrapped():
-    """PaCA installed over loss_tokens' last block (its q_proj / o_proj wrappers): merging removes
-    PaCA's forward only; the last block's output projection runs on the label rows again."""
-    from efft.sparsity import apply_sparsity
+@pytest.mark.parametrize("paca_first", [True, False], ids=["paca-under-last-block", "paca-over-last-block"])
+def test_merge_puts_back_the_forward_it_wrapped(paca_first):
+    """PaCA under loss_tokens' last-block wrapper of o_proj (apply_sparsity's order) or over it
+    (applied by hand after loss_tokens): merging removes PaCA's forward only; the last block's
+    output projection runs on the label rows again."""
+    from efft.sparsity import apply_loss_tokens
+    from efft.sparsity.instance_forward import InstanceForward
+    from efft.sparsity.partial import _PartialForward
 
-    model = apply_sparsity(tiny_model("llama"), {"loss_tokens": {"enabled": True},
-                                                 "partial": {"enabled": True, "fraction": 0.25}})
+    model = tiny_model("llama")
+    if paca_first:
+        apply_partial(model, fraction=0.25)
+        apply_loss_tokens(model)
+    else:
+        apply_loss_tokens(model)
+        apply_partial(model, fraction=0.25)
     attn = model.model.layers[-1].self_attn
-    wrapped = {n: getattr(attn, n).forward.own for n in ("q_proj", "o_proj")}
-    assert all(w is not None for w in wrapped.values())
     merge_partial(model)
-    assert {n: getattr(attn, n).__dict__.get("forward") for n in wrapped} == wrapped
+    for n in ("q_proj", "o_proj"):  # no PaCA forward left anywhere in the chain
+        cur = getattr(attn, n).__dict__.get("forward")
+        while isinstance(cur, InstanceForward):
+            assert not isinstance(cur, _PartialForward), n
+            cur = cur.own
+    assert attn.o_proj.__dict__.get("forward") is not None  # the last block's wrapper stays
     block = model._efft_loss_tokens.last_block
     block.ran.clear()
     model.train()
