@@ -46,7 +46,8 @@ def sample_rows(weights: torch.Tensor, k: int, n_det: int, generator: Optional[t
     1 / ((k - n_det) q_j). Weights are floored at a small positive value so no row is impossible.
     """
     r = weights.numel()
-    w = weights.float().clamp_min(0)
+    # a non-finite weight (an inf activation in fp16: that step's loss is inf and skipped) gets the floor
+    w = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
     w = w + (w.mean() * 1e-4 + 1e-30)
     n_det = min(n_det, k, r)
     if k < r:  # at least one draw stands for the rows outside the top n_det (all-deterministic drops them: biased)
@@ -172,8 +173,11 @@ class _LayerState:
     def observe(self, gy2: torch.Tensor, x_shape) -> None:
         seq = x_shape[-2] if len(x_shape) >= 3 else gy2.shape[0]
         norms = gy2.float().norm(dim=1).reshape(-1, seq).mean(0).detach()
+        finite = torch.isfinite(norms)  # an overflowing backward (fp16, skipped by the scaler) says nothing
         if self.proxy is not None and self.proxy.shape == norms.shape:
-            norms = 0.5 * (self.proxy + norms)
+            norms = torch.where(finite, 0.5 * (self.proxy + norms), self.proxy)
+        else:
+            norms = torch.where(finite, norms, torch.zeros_like(norms))
         self.proxy = norms
 
     def weights(self, x2: torch.Tensor, seq: int) -> torch.Tensor:

@@ -344,3 +344,23 @@ def test_output_embedding_trained_through_peft_modules_to_save_is_not_sampled():
         m(**batch).loss.backward()
         grads.append(m.base_model.model.lm_head.modules_to_save["default"].weight.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_an_overflowing_backward_does_not_poison_later_steps():
+    """fp16 with a GradScaler: some backwards overflow (inf/nan gradients) and the scaler skips that
+    step. The gradient-norm proxy must not keep the non-finite values (every later sample would
+    fail), and a non-finite input row must not make the forward raise (its loss is inf; the step is
+    skipped)."""
+    torch.manual_seed(0)
+    net = apply_sampled_linear(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), keep=0.5)
+    x = torch.randn(2, 8, 16)
+    net(x).sum().mul(float("inf")).backward()
+    net.zero_grad()
+    for _ in range(3):
+        net(x).sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+        net.zero_grad()
+    assert all(torch.isfinite(m._efft_sampled.proxy).all() for m in sampled_modules(net).values())
+    bad = x.clone()
+    bad[0, 3] = float("inf")
+    assert not torch.isfinite(net(bad)).all()
