@@ -239,6 +239,10 @@ class _SampledForward(InstanceForward):
         module, state, kind = self.module, self.state, self.kind
         trains = any(p.requires_grad for p in _trained(module)) if kind == "peqa" else module.weight.requires_grad
         if not (torch.is_grad_enabled() and trains and module.training):
+            if trains and module.training and torch.is_tensor(x):
+                # reentrant checkpointing's no-grad pass: draw the sample its recompute will draw from the
+                # restored RNG state, so the random stream (dropout masks) stays the same in both passes
+                state.shared.get(x, state, module.compute_dtype if kind == "peqa" else None)
             return self.inner(x)
         if kind == "peqa":
             kept, idx, scale = state.shared.get(x, state, module.compute_dtype)
