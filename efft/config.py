@@ -544,12 +544,57 @@ def validate(data: Any, source: str | None = None, base: Path | None = None, wei
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         seen = {path for path, _ in problems}
-        problems += [pm for pm in (_format_error(err) for err in e.errors()) if pm[0] not in seen]
+        schema = [pm for pm in (_format_error(err) for err in e.errors()) if pm[0] not in seen]
+        problems += schema
+        problems += _beyond_schema(data, e, [path for path, _ in problems])
     if recipe is not None:
         problems += _combination_problems(recipe)
     if problems:
         raise RecipeError(problems, source)
     return recipe
+
+
+def _beyond_schema(data: dict, error: ValidationError, failing: list[str]) -> list[tuple[str, str]]:
+    """With schema errors, the cross-section and plugin checks would only speak after the user fixed
+    them: a second round of errors. Run them on the recipe with the failing keys left at their
+    defaults, and keep what they find that does not involve a failing key (a default standing in for
+    a bad value proves nothing about it)."""
+    trimmed, err = _deepcopy(data), error
+    for _ in range(4):  # each round drops the keys the last one refused
+        for e in err.errors():
+            _drop(trimmed, [p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))])
+        try:
+            partial = Recipe.model_validate(trimmed)
+            break
+        except ValidationError as again:
+            err = again
+    else:
+        return []
+    from efft.compose import recipe_problems  # the plugins' own refusals (they import this module)
+
+    try:
+        found = _combination_problems(partial) + recipe_problems(partial)
+    except Exception:  # noqa: BLE001 - a plugin check tripping over a stand-in default must not hide the schema errors
+        found = _combination_problems(partial)
+
+    def involved(path: str, msg: str) -> bool:
+        return any(path == f or path.startswith(f + ".") or f.startswith(path + ".") or f in msg for f in failing)
+
+    return [(path, msg) for path, msg in found if not involved(path, msg)]
+
+
+def _drop(data: Any, loc: list) -> None:
+    """Remove the deepest key of ``loc`` present in ``data`` (the value pydantic refused)."""
+    parent, key, cur = None, None, data
+    for k in loc:
+        if isinstance(cur, dict) and k in cur:
+            parent, key, cur = cur, k, cur[k]
+        elif isinstance(cur, list) and isinstance(k, int) and 0 <= k < len(cur):
+            parent, key, cur = cur, k, cur[k]
+        else:
+            break
+    if parent is not None:
+        del parent[key]
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, weights: bool = True) -> Recipe:

@@ -232,3 +232,27 @@ def test_cp_into_a_missing_folder_or_a_new_one(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["cp", "tiny-smoke", str(tmp_path / "new") + "/"]) == 0
     assert (tmp_path / "new" / "tiny-smoke.yaml").is_file()
+
+
+def test_schema_errors_and_the_other_checks_in_one_round(data_file):
+    """A schema error does not hold back what the cross-section rules and the plugins refuse
+    elsewhere in the recipe: one round lists them all."""
+    d = base(data_file)
+    d["train"]["learning_rate"] = "fast"  # schema
+    d["optim"] = {"name": "bogus"}  # schema
+    d["quant"] = {"type": "nf4"}  # cross-section: PaCA needs an unquantized base
+    d["sparsity"] = {"partial": {"enabled": True, "fraction": 0.1, "r": 4},  # plugin: both given
+                     "loss_tokens": {"enabled": True, "chunk_size": 0}}  # schema
+    p = problems(d)
+    assert {"train.learning_rate", "optim.name", "sparsity.loss_tokens.chunk_size"} <= set(p)
+    assert "not both" in p["sparsity.partial"]
+    assert "unquantized" in p["sparsity.partial.enabled"]
+
+
+def test_a_default_standing_in_for_a_bad_value_raises_nothing_of_its_own(data_file):
+    """data.eval_fraction is refused by the schema; its default (0) must not add a cross-section
+    problem about it (train.eval_steps 'needs held-out data')."""
+    d = base(data_file)
+    d["data"]["eval_fraction"] = "some"
+    d["train"]["eval_steps"] = 10
+    assert set(problems(d)) == {"data.eval_fraction"}
