@@ -40,7 +40,8 @@ def sample_rows(weights: torch.Tensor, k: int, n_det: int, generator: Optional[t
     """WTA-CRS row sample: ``(idx [k], scale [k])`` such that sum_t scale_t * f(idx_t) is an
     unbiased estimate of sum_i f(i) for any f.
 
-    The ``n_det`` rows with the largest ``weights`` are kept with scale 1 (at most k - 1 when k < R,
+    With k >= R every row is kept with scale 1 (exact). Otherwise the ``n_det`` rows with the
+    largest ``weights`` are kept with scale 1 (at most k - 1 when k < R,
     so a deterministic fraction of 1 still leaves one draw for the rest); ``k - n_det`` rows are
     drawn with replacement from the others with probability q_j = w_j / sum(rest) and scale
     1 / ((k - n_det) q_j). Weights are floored at a small positive value so no row is impossible.
@@ -49,6 +50,8 @@ def sample_rows(weights: torch.Tensor, k: int, n_det: int, generator: Optional[t
     # a non-finite weight (an inf activation in fp16: that step's loss is inf and skipped) gets the floor
     w = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
     w = w + (w.mean() * 1e-4 + 1e-30)
+    if k >= r:  # the budget covers every row: keep them all, exactly (no draw, no noise)
+        return torch.arange(r, device=w.device), torch.ones(r, device=w.device, dtype=torch.float32)
     n_det = min(n_det, k, r)
     if k < r:  # at least one draw stands for the rows outside the top n_det (all-deterministic drops them: biased)
         n_det = min(n_det, k - 1)
@@ -281,8 +284,10 @@ def _trained(m: nn.Module) -> list:
 def _name_matches(name: str, targets) -> bool:
     if targets == "all-linear":
         return True
+    # a whole dotted component or suffix, as peft matches: "up_proj" is not "gate_up_proj"; a LoRA's
+    # lora_A/lora_B match through their wrapped layer's component
     parts = name.split(".")
-    return any(t in parts or name.endswith(t) for t in targets)
+    return any(t in parts or name == t or name.endswith("." + t) for t in targets)
 
 
 def apply_sampled_linear(model: nn.Module, keep: float = 0.3, deterministic_fraction: float = 0.5,

@@ -388,3 +388,31 @@ def test_reentrant_checkpointing_recomputes_the_forwards_dropout():
     for reentrant in (False, True):
         for g, w in zip(grads(reentrant), want):
             torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("det", [0.0, 0.5, 1.0])
+def test_a_budget_of_every_row_is_exact(det):
+    """keep 1.0 keeps every row once with scale 1, whatever the deterministic fraction: dW exact."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(37, generator=g)
+    idx, scale = sample_rows(w, 37, int(round(det * 37)), generator=g)
+    assert sorted(idx.tolist()) == list(range(37)) and bool((scale == 1).all())
+    lin = nn.Linear(8, 5)
+    ref = copy.deepcopy(lin)
+    apply_sampled_linear(lin, keep=1.0, deterministic_fraction=det)
+    x = torch.randn(4, 9, 8)
+    lin(x).pow(2).sum().backward()
+    ref(x).pow(2).sum().backward()
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_target_names_match_whole_components():
+    """'up_proj' names up_proj, not a fused gate_up_proj (peft's rule: the name or a dotted suffix)."""
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Linear(4, 8)
+            self.up_proj = nn.Linear(4, 4)
+
+    m = apply_sampled_linear(MLP(), keep=0.5, target_modules=["up_proj"])
+    assert set(sampled_modules(m)) == {"up_proj"}
