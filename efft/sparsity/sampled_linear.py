@@ -122,11 +122,17 @@ class DequantSampledLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x_kept, idx, scale)
         ctx.layer, ctx.state, ctx.cd, ctx.x_dtype, ctx.x_shape = layer, state, cd, x.dtype, x.shape
         ctx.has_bias = bias is not None
+        codes = getattr(layer, "weight_codes", None)
+        ctx.version = codes._version if torch.is_tensor(codes) else None
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
         x_kept, idx, scale = ctx.saved_tensors
+        codes = getattr(ctx.layer, "weight_codes", None)
+        if ctx.version is not None and codes._version != ctx.version:  # as Int8TrainableLinear's own backward checks
+            raise RuntimeError(f"{getattr(ctx.layer, '_name', None) or type(ctx.layer).__name__}: its int8 weight was updated "
+                               "between forward and backward (an optimizer step inside the graph?); the gradient would be wrong")
         gy2 = gy.reshape(-1, gy.shape[-1])
         gx = (gy.to(ctx.cd) @ ctx.layer.dequantize(ctx.cd)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         gw = _weight_grad(gy2.to(ctx.cd), x_kept.to(ctx.cd), idx, scale, ctx.state.weight_dtype) if ctx.needs_input_grad[1] else None

@@ -32,7 +32,6 @@ def test_a_plain_int8_recipe_passes():
     ("quant", {"outlier_threshold": 6.0}, "quant.outlier_threshold", "outlier columns"),
     ("quant", {"kernel": "triton"}, "quant.kernel", "torch path"),
     ("offload", {"optimizer": True}, "offload.optimizer", "not wired"),
-    ("sparsity", {"sampled_linear": {"enabled": True}}, "sparsity.sampled_linear.enabled", "cannot be combined"),
     ("quant", {"type": "nf4"}, "quant.trainable", "need quant.type: int8"),
 ])
 def test_bad_combinations_are_refused_with_their_path(section, values, path, words):
@@ -68,3 +67,9 @@ def test_the_8b_recipe_validates():
     validate_int8_training(r)
     assert r.quant.trainable and r.optim.name == "apollo_mini" and r.optim.layerwise
     assert r.train.gradient_checkpointing and r.sparsity.loss_tokens.enabled and r.target_gpu_memory
+
+
+def test_sampled_linear_on_trainable_int8_is_allowed_but_not_with_weight_streaming():
+    assert int8_training_problems(_recipe(sparsity={"sampled_linear": {"enabled": True}})) == []
+    r = _recipe(sparsity={"sampled_linear": {"enabled": True}}, offload={"weights": True}, optim={"layerwise": True})
+    assert any(p == "sparsity.sampled_linear.enabled" and "offload.weights" in m for p, m in int8_training_problems(r))

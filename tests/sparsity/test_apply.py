@@ -164,12 +164,19 @@ def test_recipe_path_trainable_int8_with_sampled_linear():
     r = Recipe(model={"config": {"model_type": "llama"}}, data={"path": "unused.jsonl"},
                quant={"type": "int8", "trainable": True, "compute_dtype": "float32"},
                sparsity={"loss_tokens": {"enabled": True}, "sampled_linear": {"enabled": True, "keep": 0.3}})
+    from efft.compose import build_optimizer, check_recipe
+
+    check_recipe(r)  # the recipe checks allow it
     model = prepare_model(tiny_model("llama"), r)
     names = sampled_modules(model)
     assert len(names) == 2 * 7  # every int8 layer of the decoder; the LM head is skipped by quant and here
     model.train()
     model(**tiny_batch(seq=24, label_fraction=0.4)).loss.backward()
     assert all(m.weight.grad is not None and torch.isfinite(m.weight.grad).all() for m in names.values())
+    before = {n: m.weight_codes.clone() for n, m in names.items()}
+    opt = build_optimizer(model, r)
+    opt.step()  # the int8 update (stochastic rounding into the codes) takes the sampled carrier gradient
+    assert any(not torch.equal(before[n], m.weight_codes) for n, m in names.items())
 
 
 def test_attention_score_with_lora_dropout_and_checkpointing_matches_without():

@@ -237,6 +237,20 @@ def test_trainable_int8_layer_unbiased():
     assert z < 3 and worst < 6
 
 
+def test_trainable_int8_weight_changed_before_backward_is_refused():
+    """As the int8 layer's own backward: codes written between forward and backward (an update
+    inside the graph) would make dx use the new weight; the sampled path refuses too."""
+    trainable = pytest.importorskip("efft.quant.trainable")
+    layer = trainable.Int8TrainableLinear.from_linear(nn.Linear(IN, OUT))
+    apply_sampled_linear(nn.Sequential(layer), keep=0.3)
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    out = layer(x)
+    with torch.no_grad():
+        layer.weight_codes.add_(1)
+    with pytest.raises(RuntimeError, match="updated between forward and backward"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("qt,granularity", [("nf4", "block"), ("nf4", "channel"), ("int8", "block")])
 def test_peqa_scale_gradients_unbiased(qt, granularity):
     """PEQA (trainable quantization scales): the sampled scale gradient is unbiased against plain
