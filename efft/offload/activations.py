@@ -344,6 +344,14 @@ class ActivationOffload:
             h.remove()
         self._handles = []
 
+    def __deepcopy__(self, memo):  # reached through the model's hooks: say what to do instead of failing on a lock
+        raise TypeError("this model has efft activation offload installed, whose hooks hold transfer streams and host "
+                        "buffers a copy cannot share: copy the model before enabling it, or call .remove() on the "
+                        "ActivationOffload first and enable it again on each model")
+
+    def __reduce_ex__(self, protocol):
+        self.__deepcopy__(None)
+
     def __repr__(self) -> str:
         return (f"ActivationOffload(mode={self.mode}, layers={len(self.layers)}, min_offload_bytes={self.min_bytes}, "
                 f"prefetch_layers={self.prefetch_layers}, min_seq_length={self.min_seq_length})")

@@ -338,6 +338,13 @@ class WeightStreamer:
             self._release(i)
         self._release_all()
 
+    def __deepcopy__(self, memo):  # reached through the model's hooks: say what to do instead of failing on a lock
+        raise TypeError("this model streams its int8 layers from host memory (efft offload.weights): its hooks own the "
+                        "host master copies, which a copy cannot share; copy the model before enabling it")
+
+    def __reduce_ex__(self, protocol):
+        self.__deepcopy__(None)
+
     # ------------------------------------------------------------------------------ removal
     def remove(self) -> None:
         """Put every layer's weights back on the device (the whole model must fit) and unhook."""

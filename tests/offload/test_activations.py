@@ -406,3 +406,16 @@ def test_quantized_base_bitwise_and_packed_weights_never_copied(adapter):
     assert grads[0] and all(torch.equal(a, b) for a, b in zip(*grads))
     assert h.stats["offloaded"] == h.stats["prefetched"] > 0
     assert copied and torch.uint8 not in copied
+
+
+def test_deepcopy_of_an_offloaded_model_says_what_to_do():
+    import copy
+
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama")
+    off = enable_activation_offload(model, {"min_offload_bytes": 0})
+    with pytest.raises(TypeError, match="copy the model before enabling it"):
+        copy.deepcopy(model)
+    off.remove()
+    copy.deepcopy(model)  # without the hooks the model copies as usual
