@@ -47,28 +47,37 @@ class InstanceForward(abc.ABC):
         return self
 
     def installed(self) -> bool:
-        return self.module.__dict__.get("forward") is self
+        """Whether this wrapper is in the module's chain of instance forwards."""
+        cur = self.module.__dict__.get("forward")
+        while isinstance(cur, InstanceForward):
+            if cur is self:
+                return True
+            cur = cur.own
+        return False
 
     def restore(self) -> None:
-        """Put back what this wrapped (if this is still the module's forward)."""
-        if self.installed():
-            if self.own is not None:
-                self.module.forward = self.own
-            else:
-                del self.module.forward
+        """Take this wrapper out of the module's chain, wherever it sits: on top (the module's forward
+        becomes what it wrapped) or under another wrapper (that one now calls what it wrapped)."""
+        outer, cur = None, self.module.__dict__.get("forward")
+        while isinstance(cur, InstanceForward):
+            if cur is self:
+                if outer is not None:
+                    outer.own = self.own
+                elif self.own is not None:
+                    self.module.forward = self.own
+                else:
+                    del self.module.forward
+                return
+            outer, cur = cur, cur.own
 
 
 def remove_wrapper(module: nn.Module, cls: type) -> bool:
-    """Take the (first) ``cls`` wrapper out of ``module``'s chain of instance forwards, wherever it
-    sits: on top (the module's forward becomes what it wrapped) or under another wrapper (that one
-    now calls what it wrapped). False if there is none."""
-    outer, cur = None, module.__dict__.get("forward")
+    """Take the outermost ``cls`` wrapper out of ``module``'s chain of instance forwards (see
+    :meth:`InstanceForward.restore`). False if there is none."""
+    cur = module.__dict__.get("forward")
     while isinstance(cur, InstanceForward):
         if isinstance(cur, cls):
-            if outer is None:
-                cur.restore()
-            else:
-                outer.own = cur.own
+            cur.restore()
             return True
-        outer, cur = cur, cur.own
+        cur = cur.own
     return False
