@@ -411,7 +411,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml_load(raw) if raw.strip() != "" else None
     except yaml.YAMLError as e:
-        raise RecipeError([(key, f"cannot parse value {raw!r}: {e}")]) from None
+        raise RecipeError([(key, f"cannot parse value {raw!r} as YAML: {getattr(e, 'problem', None) or e}")]) from None
     return key.split("."), value
 
 
@@ -426,18 +426,34 @@ ALIASES = {
 }
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], problems: list[tuple[str, str]] | None = None) -> dict:
+    """``data`` with every ``key=value`` override applied. An override that cannot be applied (no ``=``,
+    a value that is not YAML, a path through a value rather than a section) is skipped and reported:
+    all of them in one RecipeError, or appended to ``problems`` when a list is given."""
+    found: list[tuple[str, str]] = [] if problems is None else problems
     data = _deepcopy(data)
     for item in overrides:
-        path, value = parse_override(item)
+        try:
+            path, value = parse_override(item)
+        except RecipeError as e:
+            found += e.problems
+            continue
         if len(path) == 1 and path[0] in ALIASES:
             path = ALIASES[path[0]].split(".")
         node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is not None and not isinstance(child, dict):
+                parent = ".".join(path[:i + 1])
+                found.append((".".join(path), f"{parent} is a value ({child!r}), not a section with keys; set it with {parent}=..."))
+                break
+            if child is None:
                 node[part] = {}
             node = node[part]
-        node[path[-1]] = value
+        else:
+            node[path[-1]] = value
+    if problems is None and found:
+        raise RecipeError(found)
     return data
 
 
@@ -486,8 +502,9 @@ def _format_error(err: dict) -> tuple[str, str]:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    if kind != "value_error" and not isinstance(given, dict):
-        msg = f"{msg} (given: {given!r})"
+    if kind != "value_error":  # a mapping too: a section written where a value belongs (x.y.z=1 for x.y=1)
+        shown = repr(given)
+        msg = f"{msg} (given: {shown if len(shown) <= 80 else shown[:77] + '...'})"
     if kind == "literal_error" and isinstance(given, str):
         allowed = [a.strip().strip("'") for a in str(err.get("ctx", {}).get("expected", "")).replace(" or ", ", ").split(",")]
         close = difflib.get_close_matches(given, allowed, n=1, cutoff=0.6)
@@ -611,8 +628,15 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, wei
         raise RecipeError([("(recipe)", f"not valid YAML: {e}")], str(p)) from None
     if not isinstance(data, dict):
         raise RecipeError([("(recipe)", "a recipe is a mapping of sections (model, data, train, ...)")], str(p))
-    data = apply_overrides(data, overrides or [])
-    return validate(data, source=str(p), base=p.parent, weights=weights)
+    problems: list[tuple[str, str]] = []
+    data = apply_overrides(data, overrides or [], problems)
+    try:
+        recipe = validate(data, source=str(p), base=p.parent, weights=weights)
+    except RecipeError as e:  # the overrides' own problems first, then the recipe's: all at once
+        raise RecipeError(problems + e.problems, str(p)) from None
+    if problems:
+        raise RecipeError(problems, str(p))
+    return recipe
 
 
 def recipes_dir() -> Path:

@@ -141,6 +141,22 @@ def test_bad_override_value_is_a_problem(tmp_path, data_file):
     assert "train.max_steps" in paths and "train.bogus" in paths
 
 
+def test_every_bad_override_is_listed_with_the_recipes_problems(tmp_path, data_file, capsys):
+    p = write(tmp_path, base(data_file))
+    bad = ["foo", "bar=[", "train.max_steps.x=1", "adapter.r.x=3", "train.lerning_rate=1e-4"]
+    with pytest.raises(config.RecipeError) as e:
+        config.load_recipe(p, bad)
+    paths = dict(e.value.problems)
+    assert "key=value" in paths["foo"]
+    assert "as YAML" in paths["bar"] and "\n" not in paths["bar"]
+    assert "train.max_steps is a value" in paths["train.max_steps.x"]  # not silently replaced by a section
+    assert "{'x': 3}" in paths["adapter.r"]  # the section written where a value belongs is shown
+    assert "did you mean 'learning_rate'" in paths["train.lerning_rate"]
+    assert main(["validate", str(p), *bad]) == 2
+    err = capsys.readouterr().err
+    assert "5 problems" in err and "Traceback" not in err
+
+
 def test_cli_validate_exit_2_no_traceback(tmp_path, data_file):
     d = base(data_file)
     d["train"]["learning_rat"] = 1
