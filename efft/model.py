@@ -184,11 +184,30 @@ def _from_config_block(block: dict, dtype: torch.dtype, attn: str):
     model_type = block.pop("model_type", None)
     if model_type is None:
         raise ValueError("model.config needs a model_type (e.g. llama, qwen2, mistral, gemma, gpt2)")
+    from huggingface_hub.errors import StrictDataclassError  # transformers' configs validate their fields with it
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:  # transformers' own message lists all of its ~800 types
+        import difflib
+
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"model.config: unknown model_type {model_type!r}{hint} (e.g. llama, qwen2, mistral, gemma, gpt2)")
     try:
         config = AutoConfig.for_model(model_type, **block)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as e:
         raise ValueError(f"model.config: cannot build a {model_type!r} config: {e}") from None
     return config, AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+
+
+def _tokenizer(path):
+    """``model.tokenizer``: a directory a tokenizer loads from, else a ValueError naming the key."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"model.tokenizer: cannot load a tokenizer from {str(path)!r}: {e}") from None
 
 
 def load_model(cfg, *, dtype=None, quant=None):
@@ -214,7 +233,7 @@ def load_model(cfg, *, dtype=None, quant=None):
     if block is not None:
         config, model = _from_config_block(block, dtype, attn)
         if tok_path:
-            tokenizer = AutoTokenizer.from_pretrained(tok_path)
+            tokenizer = _tokenizer(tok_path)
         else:
             from efft.tokenizer import byte_tokenizer
 
@@ -241,7 +260,7 @@ def load_model(cfg, *, dtype=None, quant=None):
             model = quantize_from_checkpoint(str(path), quant, dtype=dtype, model_kwargs={"attn_implementation": attn})
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-        tokenizer = AutoTokenizer.from_pretrained(tok_path or path)
+        tokenizer = _tokenizer(tok_path) if tok_path else AutoTokenizer.from_pretrained(path)
     _check_vocab(model, tokenizer, source)
     _set_generation_defaults(model, tokenizer)
     return model, tokenizer

@@ -39,6 +39,39 @@ def _resume_target(recipe: Recipe) -> str | None:
     return None
 
 
+def _problem(section: str, err: Exception):
+    """A loading error about the user's recipe as a RecipeError, at the path its message starts with
+    (``"model.config: ..."`` -> ``model.config``), else at ``section``."""
+    from efft.config import RecipeError
+
+    msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    head, sep, rest = msg.partition(": ")
+    if sep and " " not in head and (head == section or head.startswith(section + ".")):
+        return RecipeError([(head, rest)])
+    return RecipeError([(section, msg)])
+
+
+def _check_reporters(recipe: Recipe) -> None:
+    """``train.report_to``: names transformers knows and whose package is installed, checked before
+    loading (Trainer would raise only after the model and data are loaded)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    from efft.config import RecipeError
+
+    known, installed = list(INTEGRATION_TO_CALLBACK), get_available_reporting_integrations()
+    problems = []
+    for name in recipe.train.report_to:
+        if name in ("none", "all") or name in installed:
+            continue
+        if name not in known:
+            problems.append(("train.report_to", f"unknown reporter {name!r} (allowed: none, all, {', '.join(known)})"))
+        else:
+            problems.append(("train.report_to", f"{name!r} is not installed here (installed: {', '.join(installed) or 'none'}); "
+                                                f"pip install {name}, or leave it out"))
+    if problems:
+        raise RecipeError(problems)
+
+
 def _check_fits(recipe: Recipe) -> None:
     """With ``target_gpu_memory`` set, plan before loading anything and refuse what cannot fit."""
     if not recipe.target_gpu_memory:
@@ -73,6 +106,7 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
         from efft.integrations.fsdp import ALONE
 
         raise RecipeError([("train.fsdp", ALONE)])
+    _check_reporters(recipe)
     _check_fits(recipe)
     t = recipe.train
     out_dir = Path(t.output_dir)
@@ -80,7 +114,10 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     transformers.set_seed(t.seed)
     started = time.time()
 
-    model, tokenizer = load_model(recipe.model, quant=recipe.quant)
+    try:
+        model, tokenizer = load_model(recipe.model, quant=recipe.quant)
+    except (ValueError, OSError) as e:  # the user's model.config, model.tokenizer, missing wheel or files
+        raise _problem("model", e) from None
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks and writes
     prompts = recipe.generate.prompts if main else []
     before = generate_answers(model, tokenizer, prompts, recipe.generate.max_new_tokens) if prompts else []
@@ -99,9 +136,7 @@ def train(recipe: Recipe, recipe_path: str | None = None, *, trainer_hook=None) 
     try:
         train_ds, eval_ds = load_dataset_from_config(recipe.data, tokenizer, seed=t.seed)
     except (ValueError, KeyError) as e:  # fields, formats, sizes of the user's data
-        from efft.config import RecipeError
-
-        raise RecipeError([("data", str(e))]) from None
+        raise _problem("data", e) from None
     args = plugin.training_arguments()
     trainer = Trainer(
         model=model,

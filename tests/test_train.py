@@ -122,3 +122,35 @@ def test_an_earlier_runs_checkpoints_are_not_overwritten(data_path, tmp_path):
     (tmp_path / "out" / "checkpoint-6").mkdir(parents=True)
     with pytest.raises(config.RecipeError, match="earlier run"):
         train(recipe(data_path, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("override, path, says", [
+    ("model.config={model_type: lama}", "model.config", "did you mean 'llama'"),
+    ("model.config={model_type: llama, hidden_size: 63, num_attention_heads: 4}", "model.config", "multiple"),
+    ("model.tokenizer=.", "model.tokenizer", "cannot load a tokenizer"),
+    ("train.report_to=[tensorbord]", "train.report_to", "unknown reporter 'tensorbord'"),
+])
+def test_cli_train_reports_what_fails_at_load_time_without_traceback(override, path, says, data_path, tmp_path, capsys,
+                                                                     monkeypatch):
+    from efft.cli import main
+
+    monkeypatch.chdir(tmp_path)  # model.tokenizer=. is a folder without a tokenizer
+    assert main(["train", "tiny-smoke", f"data.path={data_path}", f"train.output_dir={tmp_path / 'out'}", override]) == 2
+    err = capsys.readouterr().err
+    assert f"  - {path}: " in err and says in err
+
+
+def test_a_reporter_that_is_not_installed_is_refused_before_loading(data_path, tmp_path, monkeypatch):
+    import transformers.integrations
+
+    import efft.model
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights were loaded for a run whose reporter is missing")
+
+    monkeypatch.setattr(efft.model, "load_model", no_loading)
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: [])
+    with pytest.raises(config.RecipeError) as e:
+        train(recipe(data_path, tmp_path / "x", report_to="wandb"))
+    (where, msg), = e.value.problems
+    assert where == "train.report_to" and "not installed" in msg and "pip install wandb" in msg
