@@ -118,11 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.json_schema(), indent=2))
         return 0
 
-    try:
-        recipe = config.load_recipe(args.recipe, args.overrides, weights=args.command != "estimate")
-        from efft.compose import check_recipe
+    from efft.compose import recipe_problems
 
-        check_recipe(recipe)
+    try:  # the plugins' refusals listed with the recipe's cross-section problems, in one round
+        recipe = config.load_recipe(args.recipe, args.overrides, weights=args.command != "estimate", checks=recipe_problems)
     except config.RecipeError as err:
         return _bad(err)
 

@@ -548,10 +548,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def validate(data: Any, source: str | None = None, base: Path | None = None, weights: bool = True,
-             files: bool = True) -> Recipe:
+             files: bool = True, checks=None) -> Recipe:
     """Validate a recipe dict; raise RecipeError listing every problem.
 
-    ``weights=False`` is for planning (``efft estimate``): the model's weights need not exist yet."""
+    ``weights=False`` is for planning (``efft estimate``): the model's weights need not exist yet.
+    ``checks(recipe)``, run once the schema holds, returns more ``(path, message)`` problems to list
+    with the cross-section ones (the CLI passes the plugins' refusals, efft.compose.recipe_problems)."""
     if not isinstance(data, dict):
         raise RecipeError([("(recipe)", f"a recipe is a mapping of sections, got {type(data).__name__}")], source)
     data = _deepcopy(data)
@@ -566,6 +568,8 @@ def validate(data: Any, source: str | None = None, base: Path | None = None, wei
         problems += _beyond_schema(data, e, [path for path, _ in problems])
     if recipe is not None:
         problems += _combination_problems(recipe)
+        if checks is not None:
+            problems += [pm for pm in checks(recipe) if pm not in problems]
     if problems:
         raise RecipeError(problems, source)
     return recipe
@@ -614,7 +618,7 @@ def _drop(data: Any, loc: list) -> None:
         del parent[key]
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, weights: bool = True) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, weights: bool = True, checks=None) -> Recipe:
     """Read a YAML recipe, apply ``key=value`` overrides, validate everything at once."""
     p = Path(path)
     if not p.is_file():
@@ -631,7 +635,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, wei
     problems: list[tuple[str, str]] = []
     data = apply_overrides(data, overrides or [], problems)
     try:
-        recipe = validate(data, source=str(p), base=p.parent, weights=weights)
+        recipe = validate(data, source=str(p), base=p.parent, weights=weights, checks=checks)
     except RecipeError as e:  # the overrides' own problems first, then the recipe's: all at once
         raise RecipeError(problems + e.problems, str(p)) from None
     if problems:

@@ -157,6 +157,17 @@ def test_every_bad_override_is_listed_with_the_recipes_problems(tmp_path, data_f
     assert "5 problems" in err and "Traceback" not in err
 
 
+def test_cli_lists_cross_section_and_plugin_problems_in_one_round(tmp_path, data_file, capsys):
+    d = base(data_file)
+    d["quant"] = {"type": "int8", "trainable": True}
+    d["adapter"] = {"type": "lora"}  # a cross-section problem (schema level)
+    d["offload"] = {"weights": True}  # a plugin refusal: streaming needs optim.layerwise
+    p = write(tmp_path, d)
+    assert main(["validate", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "  - adapter.type: " in err and "  - offload.weights: " in err
+
+
 def test_cli_validate_exit_2_no_traceback(tmp_path, data_file):
     d = base(data_file)
     d["train"]["learning_rat"] = 1
