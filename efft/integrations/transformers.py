@@ -286,9 +286,10 @@ def check_training_arguments(recipe, args: TrainingArguments) -> None:
     explicit = recipe.train.model_fields_set
     for name in sorted(explicit):
         if hasattr(args, name) and name not in ("output_dir", "report_to", "resume_from_checkpoint", "use_cpu",
-                                                "gradient_checkpointing",  # renamed activation_checkpointing
                                                 "fsdp", "fsdp_config"):  # efft shards itself (efft.integrations.fsdp)
             mine, theirs = getattr(recipe.train, name), getattr(args, name)
+            if name == "gradient_checkpointing":  # transformers >= 5.x: activation_checkpointing, the old name mirrors it
+                theirs = bool(getattr(args, "activation_checkpointing", theirs))
             theirs = getattr(theirs, "value", theirs)  # enums such as SchedulerType
             if mine != theirs:
                 problems.append((f"train.{name}", f"recipe says {mine!r}, TrainingArguments says {theirs!r}: set one"))

@@ -79,6 +79,18 @@ def test_conflicting_training_arguments_are_listed(setup, tmp_path):
     assert "train.learning_rate" in paths and "0.0005" in paths["train.learning_rate"]
 
 
+def test_recipe_checkpointing_that_the_training_arguments_leave_off_is_refused(tmp_path):
+    """The recipe's train.gradient_checkpointing was not compared (renamed activation_checkpointing in
+    transformers 5), so a recipe asking for it trained without it under the plugin, silently."""
+    plugin = EfftPlugin({**SECTIONS, "train": {"gradient_checkpointing": True}})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(config.RecipeError) as e:
+        plugin.trainer_kwargs(torch.nn.Linear(2, 2), args)
+    assert "recipe says True" in dict(e.value.problems)["train.gradient_checkpointing"]
+    agreeing = plugin.training_arguments(output_dir=str(tmp_path), use_cpu=True)
+    assert plugin.trainer_kwargs(AutoModelForCausalLM.from_config(tiny_config("llama", hidden=32)), agreeing)["optimizers"][0]
+
+
 def test_rebuilding_the_optimizer_detaches_the_old_one():
     """Re-running a notebook cell builds a second layer-wise optimizer: the first must stop training."""
     m = torch.nn.Sequential(torch.nn.Linear(4, 4))
