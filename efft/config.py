@@ -81,6 +81,39 @@ class ModelConfig(Section):
                 raise ValueError(f"unknown architecture {v!r}{hint} (shipped: {', '.join(names) or 'none'})")
         return v
 
+    @field_validator("config")
+    @classmethod
+    def _config_block(cls, v):
+        """transformers builds a config from any keys and ignores the ones it does not know: a misspelt
+        ``hiden_size`` would give a full-size random model. Unknown model types and such near misses are
+        refused here; other unknown keys pass (legacy names such as ``rope_theta`` are converted)."""
+        if v is None:
+            return v
+        model_type = v.get("model_type")
+        if model_type is None:
+            raise ValueError("model.config needs a model_type (e.g. llama, qwen2, mistral, gemma, gpt2)")
+        import dataclasses
+        import inspect
+
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown model_type {model_type!r}{hint} (e.g. llama, qwen2, mistral, gemma, gpt2)")
+        config_cls = CONFIG_MAPPING[model_type]
+        known = set(inspect.signature(config_cls.__init__).parameters) | set(getattr(config_cls, "attribute_map", {}))
+        if dataclasses.is_dataclass(config_cls):
+            known |= {f.name for f in dataclasses.fields(config_cls)}
+        typos = []
+        for key in v:
+            close = [] if key in known else difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if close:
+                typos.append(f"{key!r} is not a {config_cls.__name__} key; did you mean {close[0]!r}?")
+        if typos:
+            raise ValueError("; ".join(typos))
+        return v
+
     @model_validator(mode="after")
     def _one_source(self):
         given = [k for k in ("path", "config", "builtin", "architecture") if getattr(self, k) is not None]

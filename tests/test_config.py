@@ -168,6 +168,20 @@ def test_cli_lists_cross_section_and_plugin_problems_in_one_round(tmp_path, data
     assert "2 problems" in err and "  - adapter.type: " in err and "  - offload.weights: " in err
 
 
+def test_model_config_typos_and_unknown_types_are_refused_before_loading(data_file):
+    """transformers keeps unknown config keys and builds its defaults: hiden_size gave a 4096-wide model."""
+    d = base(data_file)
+    d["model"] = {"config": {"model_type": "llama", "hiden_size": 64, "num_hidden_layers": 2}}
+    msg = problems(d)["model.config"]
+    assert "'hiden_size'" in msg and "did you mean 'hidden_size'" in msg
+    d["model"] = {"config": {"model_type": "lama"}}
+    assert "did you mean 'llama'" in problems(d)["model.config"]
+    d["model"] = {"config": {"hidden_size": 64}}
+    assert "model_type" in problems(d)["model.config"]
+    d["model"] = {"config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "rope_theta": 1e4}}  # known or not near
+    config.validate(d)
+
+
 def test_cli_validate_exit_2_no_traceback(tmp_path, data_file):
     d = base(data_file)
     d["train"]["learning_rat"] = 1
