@@ -297,3 +297,31 @@ def test_a_default_standing_in_for_a_bad_value_raises_nothing_of_its_own(data_fi
     d["data"]["eval_fraction"] = "some"
     d["train"]["eval_steps"] = 10
     assert set(problems(d)) == {"data.eval_fraction"}
+
+
+def test_cli_estimate_with_a_config_transformers_rejects_exit_2_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "efft.cli", "estimate", "recipes/tiny-smoke.yaml",
+                           "model.config={model_type: llama, hidden_size: 63, num_attention_heads: 4, "
+                           "num_key_value_heads: 2, intermediate_size: 128, num_hidden_layers: 2, vocab_size: 320}"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "model.config" in proc.stderr and "63" in proc.stderr
+
+
+def test_cli_output_piped_into_a_reader_that_leaves_prints_no_traceback(monkeypatch):
+    """`efft config-schema | head`: the reader is gone before the output is written; main returns
+    instead of raising BrokenPipeError."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)  # the reader left
+    out = os.fdopen(w, "w")
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        assert main(["config-schema"]) == 1
+    finally:
+        monkeypatch.undo()
+        try:
+            out.close()
+        except OSError:
+            pass

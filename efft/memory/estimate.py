@@ -118,9 +118,11 @@ def _config_from_dict(d: dict, where: str):
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{where}: the config has no model_type (e.g. llama, qwen2, mistral, gemma2)")
+    from huggingface_hub.errors import StrictDataclassError  # transformers' configs validate their fields with it
+
     try:
         return AutoConfig.for_model(model_type, **d)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as e:
         raise ValueError(f"{where}: cannot build a {model_type!r} config: {e}") from None
 
 
