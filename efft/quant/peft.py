@@ -73,7 +73,7 @@ class QuantLoraLinear(nn.Module, LoraLayer):
             if name not in self.lora_A:
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            xa = self._cast_input_dtype(x, lora_A.weight.dtype) if not torch.is_autocast_enabled() else x
+            xa = self._cast_input_dtype(x, lora_A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
             if name in self.lora_variant:
                 result = self.lora_variant[name].forward(self, active_adapter=name, x=xa, result=result)
             else:
