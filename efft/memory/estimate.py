@@ -18,7 +18,12 @@
   sequence, hidden, heads, KV heads, head dim, intermediate, vocab and dtype, with gradient
   checkpointing, loss-token skipping (the head and, as efft.sparsity.last_block restricts it, the
   last block on label rows), token elimination, exact recompute (where a prepared model is given:
-  only on the modules it was installed on) and activation offload applied.
+  only on the modules it was installed on) and activation offload applied. With ``train.bf16`` /
+  ``train.fp16`` the forward runs under autocast (as Trainer runs it): every Linear then keeps a
+  compute-dtype cast of its input (a copy per layer: q/k/v do not share one) and of its weight
+  (frozen ones too, when their input needs a gradient), attention and MLP tensors have the compute
+  dtype, norms, softmax and the loss stay float32, and sampled_linear, PaCA and efft.quant's layers
+  keep their input in its own dtype.
   With ``offload.weights`` the int8 decoder layers count 1 + ``weights_prefetch_layers`` layers on
   the device and the rest in ``host``.
 - **workspace**: the largest transient buffers (logits gradient, attention scores, MLP gradients,
@@ -37,7 +42,8 @@ such as packed quantized bases stay whole, and ``communication`` is the full par
 (the root's and two decoder layers'), alive during forward and backward.
 
 On CPU the weights / gradients / optimizer-state bytes equal the measured tensors exactly and the
-activation bytes are within 10% of what saved-tensor hooks count (tests/memory). GPU peaks
+activation bytes are within 10% of what saved-tensor hooks count, most settings within 0.1%, CPU bf16
+autocast included (tests/memory). GPU peaks
 (``torch.cuda.max_memory_allocated``) have not been checked yet: CUDA kernels (flash attention,
 cuBLAS workspaces, the caching allocator's rounding) add what the CPU cannot show.
 """
@@ -381,6 +387,9 @@ def activation_bytes(
     recompute_norms: bool = False,
     recompute_mlp: bool = False,
     recomputed: Optional[Recomputed] = None,
+    quantized: frozenset = frozenset(),
+    head_plain: bool = True,
+    peqa_bytes: Optional[int] = None,
 ) -> dict[str, int]:
     """Bytes saved for backward (live peak) by a llama-like causal LM, component by component.
 
@@ -393,6 +402,14 @@ def activation_bytes(
     ``recompute_mlp`` (efft.sparsity.recompute): each norm keeps only its input; the gated MLP keeps
     gate and up but not act(gate); ``recomputed`` (read from a prepared model) says module by module
     where it is installed instead (the two flags then count for nothing).
+
+    ``autocast_bytes``: the forward runs under autocast to a compute dtype of that many bytes a
+    value (``train.bf16`` / ``train.fp16``, as Trainer enters it around the forward); ``dtype_bytes``
+    stays the weights' (and so the residual stream's) dtype. ``quantized``: the names of
+    ``linears`` whose layer (or LoRA base) is one of efft.quant's modules (QuantLinear, trainable
+    int8, PEQA), which under autocast return their input's dtype and keep no cast weight;
+    ``head_plain``: the LM head is a plain ``nn.Linear``. ``peqa_bytes``: the ``quantized`` layers
+    are PEQA's, computing in a dtype of that many bytes (they keep their input cast to it).
 
     ``loss_tokens``: besides the head on label rows (``label_fraction`` of the positions), the last
     decoder block runs as efft.sparsity.last_block does it: everything after the attention (the
@@ -417,6 +434,10 @@ def activation_bytes(
     e = dtype_bytes
     h, H, K, d, I, V = arch.hidden, arch.heads, arch.kv_heads, arch.head_dim, arch.intermediate, arch.vocab
     b, s = batch, seq
+    ac = autocast_bytes is not None
+    c = autocast_bytes if ac else e  # bytes a value of what matmuls (and the attention) produce
+    fan_out = {"q_proj": H * d, "k_proj": K * d, "v_proj": K * d, "o_proj": h, "gate_proj": I, "up_proj": I,
+               "down_proj": h}
 
     def keep_of(nm: str) -> float:
         """sampled_linear's keep for linear ``nm`` (1.0: not sampled; a dict names it per linear)."""
@@ -451,25 +472,95 @@ def activation_bytes(
             n += 4 * h
         return n
 
+    def sample(nbytes: int, T: int, width: int, kp: float) -> int:
+        """One sampled_linear sample of a [T, width] tensor: its kept rows (a copy in the tensor's
+        dtype), their int64 indices and float32 scales."""
+        rows = max(1, int(round(kp * T)))
+        return rows * (nbytes * width + 8 + 4)
+
     def linear_group(T: int, fan_in: int, names: tuple[str, ...]) -> int:
         """Inputs saved by Linear layers that read one tensor (q/k/v, gate/up, o, down)."""
         kinds = [linears.get(nm, "full") for nm in names]
         keeps = [keep_of(nm) for nm in names]
         n = 0
-        if autocast_bytes is not None:  # each autocast linear saves its own low-precision copy
-            n += sum(int(autocast_bytes * T * fan_in * kp) for k, kp in zip(kinds, keeps) if k in ("full", "lora"))
-        else:
-            # layers reading x itself (full, or lora_A in x's dtype): an unsampled one keeps x, the sampled
-            # ones (lora_A too) one shared sample of its rows, a copy
-            reads_x = [kp for k, kp in zip(kinds, keeps) if k == "full" or (k == "lora" and lora_bytes == e)]
-            if any(kp >= 1 for kp in reads_x):
-                n += e * T * fan_in
-            if any(kp < 1 for kp in reads_x):
-                n += int(e * T * fan_in * min(kp for kp in reads_x if kp < 1))
-            n += sum(int(lora_bytes * T * fan_in * kp) for k, kp in zip(kinds, keeps) if k == "lora" and lora_bytes != e)
-        n += sum(int(lora_bytes * T * lora_r * kp) for k, kp in zip(kinds, keeps) if k == "lora")  # lora_B: sampled too
+        if peqa_bytes is not None and peqa_bytes != e:
+            # PEQA in another compute dtype keeps its own cast of x (a copy per layer), or, sampled, one
+            # sample of x cast to it (shared: keyed on x)
+            peqa = [kp for nm, k, kp in zip(names, kinds, keeps) if k == "full" and nm in quantized]
+            n += sum(peqa_bytes * T * fan_in for kp in peqa if kp >= 1)
+            if any(kp < 1 for kp in peqa):
+                n += sample(peqa_bytes, T, fan_in, min(kp for kp in peqa if kp < 1))
+            kinds = [None if k == "full" and nm in quantized else k for nm, k in zip(names, kinds)]
+        # layers reading x itself (full, or lora_A in x's dtype): an unsampled one keeps x, the sampled
+        # ones (lora_A too) one shared sample of its rows, a copy
+        reads_x = [kp for k, kp in zip(kinds, keeps) if k == "full" or (k == "lora" and lora_bytes == e)]
+        if any(kp >= 1 for kp in reads_x):
+            n += e * T * fan_in
+        if any(kp < 1 for kp in reads_x):
+            n += sample(e, T, fan_in, min(kp for kp in reads_x if kp < 1))
+        n += sum(sample(lora_bytes, T, fan_in, kp) if kp < 1 else lora_bytes * T * fan_in
+                 for k, kp in zip(kinds, keeps) if k == "lora" and lora_bytes != e)
+        n += sum(sample(lora_bytes, T, lora_r, kp) if kp < 1 else lora_bytes * T * lora_r
+                 for k, kp in zip(kinds, keeps) if k == "lora")  # lora_B: sampled too
         n += sum(e * T * partial_columns(fan_in, *partial) for k in kinds if k == "partial")
         return n
+
+    def linear_group_autocast(T: int, fan_in: int, names: tuple[str, ...], xb: int, x_grad: bool,
+                              x_counted: bool = False) -> tuple[int, int]:
+        """Under autocast: (bytes kept, bytes a value of the output) for the Linear layers reading one
+        tensor x of ``xb`` bytes a value; ``x_grad``: x requires grad; ``x_counted``: x itself is
+        already kept by another op (the sdpa output o_proj reads). Storages several layers keep
+        count once (keyed in ``kept``)."""
+        kept: dict = {}
+        out = c
+        for nm in names:
+            k, kp, fo, quant = linears.get(nm, "full"), keep_of(nm), fan_out[nm], nm in quantized
+            if k == "partial":  # PaCA: its trained input columns, a copy in x's dtype (no cast kept)
+                kept["cols", nm] = xb * T * partial_columns(fan_in, *partial)
+            elif k == "full" and quant:
+                # trainable int8 / PEQA: autograd functions of efft's that keep x (or its sample) and return
+                # x's dtype; the weight is rebuilt from its codes in backward. PEQA keeps x cast to its
+                # compute dtype: a copy per layer where x has another (a sample: one, keyed on x)
+                out = xb
+                pb = xb if peqa_bytes is None else peqa_bytes
+                if kp < 1:
+                    kept["xs"] = sample(pb, T, fan_in, kp)
+                else:
+                    kept["x" if pb == xb else ("peqa", nm)] = pb * T * fan_in
+            elif k == "full":
+                if kp < 1:  # sampled_linear: a sample of x itself, in x's dtype; keeps the weight parameter, no cast
+                    kept["xs"] = sample(xb, T, fan_in, kp)
+                else:
+                    # autocast casts x for each layer (its cast cache holds only leaf tensors): a copy
+                    # each, or x itself where it already has the compute dtype
+                    kept["x" if xb == c else ("cast", nm)] = c * T * fan_in
+                    if e != c:  # and the weight's cast copy (a leaf: cached for the forward), kept for dx
+                        kept["w", nm] = c * fo * fan_in
+            elif k == "lora":
+                if quant:  # QuantLinear base: keeps nothing, returns x's dtype
+                    out = xb
+                elif x_grad and e != c:  # frozen base: its cast weight, kept for dx when x needs a gradient
+                    kept["w", nm] = c * fo * fan_in
+                # lora_A's input: peft casts x to the adapter's dtype (a new tensor per layer) unless x has
+                # it; efft's QuantLoraLinear passes x itself under autocast
+                own = quant or xb == lora_bytes
+                lb = xb if own else lora_bytes
+                if kp < 1:  # sampled: lora_A keeps a sample of its input, lora_B one of A's output (compute dtype)
+                    kept["xs" if own else ("las", nm)] = sample(lb, T, fan_in, kp)
+                    kept["lbs", nm] = sample(c, T, lora_r, kp)
+                else:
+                    kept[("x" if own else ("la", nm)) if lb == c else ("lacast", nm)] = c * T * fan_in
+                    kept["lb", nm] = c * T * lora_r  # A's output, in the compute dtype
+                    if lora_bytes != c:  # the adapters' cast weights: A's for dx when x needs a gradient, B's always
+                        kept["wa", nm] = c * lora_r * fan_in if x_grad else 0
+                        kept["wb", nm] = c * fo * lora_r
+            elif quant:  # frozen quantized: keeps nothing, returns x's dtype
+                out = xb
+            elif x_grad and e != c:  # frozen nn.Linear: its cast weight, kept for dx when x needs a gradient
+                kept["w", nm] = c * fo * fan_in
+        if x_counted:
+            kept.pop("x", None)
+        return sum(kept.values()), out
 
     def layer(T: int, bb: int, ss: int, first: bool, i: int, rows: Optional[int] = None,
               queries: Optional[int] = None) -> int:
@@ -480,19 +571,24 @@ def activation_bytes(
         qkv_grad = x_grad or any(linears.get(k) in ("full", "lora", "partial") for k in ("q_proj", "k_proj", "v_proj"))
         P = T if rows is None else rows  # rows of everything after the attention
         n = norm(T, x_grad, recompute=rc_norm(i, 0))
-        n += linear_group(T, h, ("q_proj", "k_proj", "v_proj"))
+        if ac:
+            n += linear_group_autocast(T, h, ("q_proj", "k_proj", "v_proj"), e, x_grad)[0]
+        else:
+            n += linear_group(T, h, ("q_proj", "k_proj", "v_proj"))
+        # (under autocast the attention's matmuls keep compute-dtype casts, c bytes: of the rotated q and k,
+        # which are float32 with the float32 rotary tables, and of v)
         if qkv_grad:
             if attn == "eager":
                 Q = T if queries is None else queries
                 scores = bb * H * (Q // bb) * ss
-                n += e * Q * H * d + 2 * e * T * H * d  # rotated q (the query rows), repeated k, repeated v
+                n += c * Q * H * d + 2 * c * T * H * d  # rotated q (the query rows), repeated k, repeated v
                 n += 4 * scores  # softmax output (fp32)
-                if e != 4:
-                    n += e * scores  # its cast back to the compute dtype, saved by the matmul with v
+                if c != 4:
+                    n += c * scores  # its cast back to the compute dtype, saved by the matmul with v
                 if arch.attn_softcap:
-                    n += e * scores  # tanh output of the logit soft-capping
+                    n += c * scores  # tanh output of the logit soft-capping (on the matmul's output)
                 if arch.attention_dropout > 0:
-                    n += (1 + e) * scores
+                    n += scores if ac else (1 + e) * scores  # mask (+ output; under autocast the matmul's cast, above)
                 if queries is not None:
                     n += 8 * Q  # the query rows' flat index (index_select keeps only it, not q)
                     if Q != P:
@@ -501,16 +597,21 @@ def activation_bytes(
             else:
                 Q = T
                 kv = K if gqa_in_sdpa else H
-                n += e * T * H * d + 2 * e * T * kv * d  # q, k, v
-                n += e * T * H * d + 4 * bb * H * ss  # output, logsumexp
+                n += c * T * H * d + 2 * c * T * kv * d  # q, k, v
+                n += c * T * H * d + 4 * bb * H * ss  # output, logsumexp
                 o_in_new = False  # o_proj reads a view of the attention output
             o_kind = linears.get("o_proj", "full")
-            if o_in_new or (o_kind == "lora" and lora_bytes != e) or o_kind == "partial":
+            if ac:  # the attention's output has the compute dtype; sdpa keeps it itself
+                n += linear_group_autocast(Q, H * d, ("o_proj",), c, True, x_counted=not o_in_new)[0]
+            elif o_in_new or (o_kind == "lora" and lora_bytes != e) or o_kind == "partial":
                 n += linear_group(Q, H * d, ("o_proj",))  # on the attention's compact output
             else:
                 n += sum(lora_bytes * T * lora_r for k in (o_kind,) if k == "lora")
-                if keep_of("o_proj") < 1 and o_kind == "full":
-                    pass  # sampled rows are a copy; the view of the output is what stays
+                if o_kind == "full" and (keep_of("o_proj") < 1 or ("o_proj" in quantized and peqa_bytes not in (None, e))):
+                    # what it keeps is a copy beside the output sdpa keeps: its sample, or PEQA's cast
+                    n += linear_group(T, H * d, ("o_proj",))
+        elif ac:
+            n += linear_group_autocast(T, H * d, ("o_proj",), c, False)[0]
         else:
             n += linear_group(T, H * d, ("o_proj",))
         mlp_norm = 1
@@ -518,9 +619,16 @@ def activation_bytes(
             n += norm(P, True, recompute=rc_norm(i, 1))  # post-attention norm on the attention output
             mlp_norm = 2
         n += norm(P, True, recompute=rc_norm(i, mlp_norm))  # pre-MLP norm
-        n += linear_group(P, h, ("gate_proj", "up_proj"))
-        n += mlp_inner(i) * e * P * I  # gate output (activation input), activation output, up output
-        n += linear_group(P, I, ("down_proj",))
+        if ac:
+            # gate/up return the compute dtype (plain nn.Linear, peft LoRA on one) or x's (efft.quant's
+            # layers): the MLP's inner tensors and down_proj's input have that dtype
+            kb, po = linear_group_autocast(P, h, ("gate_proj", "up_proj"), e, True)
+            n += kb + mlp_inner(i) * po * P * I
+            n += linear_group_autocast(P, I, ("down_proj",), po, True)[0]
+        else:
+            n += linear_group(P, h, ("gate_proj", "up_proj"))
+            n += mlp_inner(i) * e * P * I  # gate output (activation input), activation output, up output
+            n += linear_group(P, I, ("down_proj",))
         if arch.norms_per_layer == 4:
             n += norm(P, True, recompute=rc_norm(i, 3))  # post-feedforward norm
         return n
@@ -553,9 +661,11 @@ def activation_bytes(
             head += 4 * V * h  # head weight gradient (float32), formed in forward
     else:
         if head_trainable:
-            head += e * T * h  # lm_head input (view of the final norm output)
+            head += c * T * h  # lm_head input (view of the final norm output; under autocast its cast copy)
+        if ac and e != c and head_plain:
+            head += c * V * h  # under autocast the head weight's cast copy, kept for the gradient of its input
         if arch.final_softcap:
-            head += e * T * V  # tanh output
+            head += c * T * V  # tanh output (of the logits: compute dtype)
         head += 4 * T * V + 8 * T + 4  # log_softmax output (fp32), targets, total weight
     glob = 0
     if embed_trainable:
@@ -737,10 +847,11 @@ def estimate(recipe: Any, gpu_memory: Any = None, *, nproc_per_node: int = 1, la
 
 
 def _dtype_bytes(r) -> tuple[torch.dtype, int, Optional[int]]:
+    """(weights' dtype, its bytes, the autocast compute dtype's bytes or None): with train.bf16 /
+    train.fp16 Trainer runs the forward under autocast, also over bf16 weights (the fp32 LoRA
+    adapters and efft.quant's modules still see it)."""
     dt = _DTYPE[r.model.dtype]
-    autocast = None
-    if dt == torch.float32 and (r.train.bf16 or r.train.fp16):
-        autocast = 2
+    autocast = 2 if (r.train.bf16 or r.train.fp16) else None
     return dt, _NBYTES[dt], autocast
 
 
@@ -1066,6 +1177,12 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
         sampled = {nm: sampled if _sampled_match(first[nm], sp.sampled_linear.target_modules) else 1.0 for nm in _LAYER_LINEARS}
     if sp.sampled_linear.enabled:
         notes.append("sampled-activation linears: saved inputs scaled by keep (approximate)")
+    if autocast is not None:
+        # autocast's weight-cast cache (trainable float32 weights, until the forward ends) is not counted:
+        # without checkpointing the casts are saved anyway; with it they are at most half the gradients'
+        # bytes, which the step holds later
+        notes.append(f"train.{'bf16' if t.bf16 else 'fp16'}: the forward under autocast; counted are the casts each "
+                     "layer keeps for backward (inputs and weights in the compute dtype)")
     rc = sp.recompute
     recomputed = None
     if rc.enabled:
@@ -1083,6 +1200,10 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
         label_fraction=label_fraction, keep_ratio=keep, keep_start_layer=te.start_layer, sampled_keep=sampled,
         autocast_bytes=autocast, partial=(sp.partial.fraction, sp.partial.r), te_extra_per_token=te_extra,
         recompute_norms=rc.enabled and rc.norms, recompute_mlp=rc.enabled and rc.gated_mlp, recomputed=recomputed,
+        quantized=frozenset(nm for nm in _LAYER_LINEARS
+                            if any(n.endswith("." + nm) and n in quantized for n, _ in linears)),
+        head_plain=head_name not in quantized,
+        peqa_bytes=_NBYTES[_DTYPE[q.compute_dtype]] if a.type == "peqa" else None,
     )
     if sp.loss_tokens.enabled and not (keep < 1 and te.start_layer <= arch.layers - 1):
         notes.append("loss_tokens: the last block runs its post-attention norms and MLP"

@@ -4,6 +4,7 @@ real tensors: used by tests/memory and by ``python -m efft.memory.card``.
 The model is built from the recipe's ``model`` section and prepared by ``efft.compose.prepare_model``
 (quantization, adapters, PEQA, efft.sparsity: the training code path); gradient checkpointing is reentrant here so that the recompute of each layer in
 backward passes through the saved-tensor hooks (transformers' default, non-reentrant, hides it).
+With ``train.bf16`` / ``train.fp16`` the forward runs under autocast as training runs it (``autocast_for``).
 """
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def build(recipe_dict: Any, seed: int = 0):
     return r, cfg, model
 
 
+def autocast_for(r, device_type: str = "cpu"):
+    """The autocast training enters for recipe ``r``'s forward: with ``train.bf16`` / ``train.fp16``
+    Trainer (through accelerate's ``prepare_model``) wraps ``model.forward`` in
+    ``torch.autocast(device_type, dtype=bfloat16 / float16)`` with the default weight-cast cache;
+    the loss is computed inside the forward, backward runs outside it (reentrant checkpointing
+    re-enters the forward's autocast state for its recompute). A no-op context without either flag."""
+    import contextlib
+
+    if r.train.bf16:
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if r.train.fp16:
+        return torch.autocast(device_type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 def batch_for(r, cfg, seed: int = 0, label_fraction: float = 1.0, label_rows: bool = False) -> dict:
     """Random ids; labels on the last ``label_fraction`` of each row (a prompt without labels before).
     ``label_rows``: with loss-token skipping, the batch carries its label rows as training's collator
@@ -59,12 +75,15 @@ def batch_for(r, cfg, seed: int = 0, label_fraction: float = 1.0, label_rows: bo
 
 
 def measure_activations(recipe_dict: Any, seed: int = 0, label_fraction: float = 1.0) -> tuple[int, int]:
-    """(predicted, measured) peak live saved-tensor bytes over one forward + backward; the planner
-    is given the prepared model (it reads what efft.sparsity installed)."""
+    """(predicted, measured) peak live saved-tensor bytes over one forward + backward (the forward
+    under the recipe's autocast, ``autocast_for``); the planner is given the prepared model (it reads
+    what efft.sparsity installed)."""
     r, cfg, model = build(recipe_dict, seed)
     batch = batch_for(r, cfg, seed, label_fraction, label_rows=True)
     with count_saved_tensors(model) as c:
-        model(**batch).loss.backward()
+        with autocast_for(r):
+            loss = model(**batch).loss
+        loss.backward()
     pred = est.estimate(recipe_dict, label_fraction=label_fraction, model=model).details["activation_parts"]["peak"]
     return pred, c.peak_bytes
 
@@ -84,7 +103,9 @@ def measure_step(recipe_dict: Any, seed: int = 0) -> dict:
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(sample)
     opt = build_optimizer(model, r.optim, lr=1e-3)
-    model(**batch_for(r, cfg, seed)).loss.backward()
+    with autocast_for(r):
+        loss = model(**batch_for(r, cfg, seed)).loss
+    loss.backward()
     grads = max(peak[0], gradient_bytes(model))
     opt.step()
     w = weight_bytes(model)
@@ -109,7 +130,9 @@ def measure_peak(recipe_dict: Any, seed: int = 0, label_fraction: float = 1.0) -
     batch = batch_for(r, cfg, seed, label_fraction, label_rows=True)
 
     def step():
-        model(**batch).loss.backward()
+        with autocast_for(r):
+            loss = model(**batch).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
