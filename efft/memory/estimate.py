@@ -1183,6 +1183,9 @@ def _estimate(r, cfg, label_fraction: float, cache: Optional[dict] = None, nproc
         # bytes, which the step holds later
         notes.append(f"train.{'bf16' if t.bf16 else 'fp16'}: the forward under autocast; counted are the casts each "
                      "layer keeps for backward (inputs and weights in the compute dtype)")
+        if e == 2 and dtype != (torch.bfloat16 if t.bf16 else torch.float16):  # the model sees bytes, not dtypes
+            notes.append(f"{r.model.dtype} weights under {'bf16' if t.bf16 else 'fp16'} autocast: counted as if the "
+                         "weights had the autocast dtype (the per-layer casts between the two are not counted)")
     rc = sp.recompute
     recomputed = None
     if rc.enabled:

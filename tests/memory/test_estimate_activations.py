@@ -218,6 +218,8 @@ def test_autocast_follows_the_recipe():
     with autocast_for(est._recipe_from(rd)):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     assert est.estimate(rd).details["activation_parts"]["peak"] != plain
+    rd["train"].update(bf16=False, fp16=True)  # bf16 weights, fp16 compute: per-layer casts it does not count, said
+    assert any("counted as if the weights had the autocast dtype" in n for n in est.estimate(rd).notes)
 
 
 # fp32 (no autocast) cases the same comparison turned up: PEQA keeps its input cast to its compute
